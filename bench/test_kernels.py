@@ -1,0 +1,134 @@
+"""Kernel benchmarks at the paper's shapes (SPEC §2, W = 108): `pytest bench` on a GPU machine.
+
+Each case times forward ("fwd") and forward+backward ("fwdbwd") with pytest-benchmark (host clock
+around a synchronised call) and records the CUDA-event median of triton.testing.do_bench, plus the
+peak extra memory of a forward+backward, into bench/results/<gpu>.json. Every case skips without
+a GPU. A figure means nothing if the op is wrong: before timing an op at a shape, the bench
+checks its forward and gradients at the same channel counts (a small video) against the float64
+reference and refuses to time it when they disagree.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+SHAPES = {  # name: (N, C_in, C_out, T, H, W)
+    "rf3": (2, 256, 256, 2, 30, 54),
+    "rf2": (2, 256, 256, 4, 60, 108),
+    "rf2_in512": (2, 512, 256, 4, 60, 108),
+}
+OPS = ["dense", "d2conv3d"]
+DTYPES = {"bfloat16": torch.bfloat16}
+RESULTS = Path(__file__).parent / "results"
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a GPU")
+
+
+def make(shape, dtype, op, device="cuda"):
+    """Fresh inputs (channels-last activations) and the function of one op: returns (fn, inputs)."""
+    N, C, Co, T, H, W = shape
+    cl = torch.channels_last_3d
+    x = torch.randn(N, C, T, H, W, device=device, dtype=dtype).to(memory_format=cl)
+    w = (torch.randn(Co, C, 3, 3, 3, device=device) / (27 * C) ** 0.5).to(dtype)
+    b = torch.randn(Co, device=device, dtype=dtype)
+    if op == "dense":
+        w = w.to(memory_format=cl)
+        inputs = [x, w, b]
+        return (lambda x, w, b: F.conv3d(x, w, b, padding=1)), inputs
+    size = (torch.rand(N, 3, T, H, W, device=device) * 2.5 + 0.5).to(dtype)
+    mask = torch.rand(N, 27, T, H, W, device=device, dtype=dtype)
+    inputs = [x, size, w, b, mask]
+    return (lambda x, s, w, b, m: kernels.d2conv3d(x, s, w, b, padding=1, mask=m)), inputs
+
+
+def timed(fn, inputs, pass_):
+    """A zero-argument callable running one pass."""
+    if pass_ == "fwd":
+        return lambda: fn(*inputs)
+    leaves = [t.requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    grad_out = torch.randn_like(out)
+    return lambda: torch.autograd.grad(fn(*leaves), leaves, grad_out)
+
+
+def peak_extra_mib(run):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def record(entry):
+    gpu = torch.cuda.get_device_name().replace(" ", "_")
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{gpu}.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    key = ("shape", "dtype", "op", "pass")
+    rows = [r for r in rows if tuple(r[k] for k in key) != tuple(entry[k] for k in key)]
+    rows.append(dict(gpu=gpu, **entry, torch=torch.__version__,
+                     triton=__import__("triton").__version__))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sorted(rows, key=lambda r: tuple(r[k] for k in key)), indent=1))
+    os.replace(tmp, path)
+
+
+_verified = {}
+
+
+def verify(op, shape, dtype):
+    """Forward and gradients at the shape's channel counts, on a small video, against the float64
+    reference (relative error <= 1e-2 in 16-bit, 1e-4 in fp32)."""
+    from kernels import naive
+
+    N, C, Co, *_ = SHAPES[shape]
+    key = (op, C, Co, dtype)
+    if key not in _verified:
+        fn, inputs = make((1, C, Co, 2, 7, 12), DTYPES[dtype], op)
+        leaves = [t.requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        ref_in = [t.detach().double().requires_grad_() for t in inputs]
+        ref = naive.d2conv3d(ref_in[0], ref_in[1], ref_in[2], ref_in[3], padding=1, mask=ref_in[4])
+        ref_grads = torch.autograd.grad(ref, ref_in, grad_out.double())
+        tol = 1e-4 if DTYPES[dtype] == torch.float32 else 1e-2
+        errors = [((a.double() - b).norm() / b.norm()).item()
+                  for a, b in zip([out, *grads], [ref, *ref_grads])]
+        _verified[key] = max(errors) <= tol, errors
+    ok, errors = _verified[key]
+    if not ok:
+        pytest.fail(f"{op} disagrees with the reference at {shape} channels: {errors}; not timed")
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_speed(benchmark, shape, dtype, op, pass_):
+    import triton
+
+    torch.manual_seed(0)
+    if op != "dense":
+        verify(op, shape, dtype)
+    fn, inputs = make(SHAPES[shape], DTYPES[dtype], op)
+    run = timed(fn, inputs, pass_)
+    run()                                   # autotune / compile outside the timing
+    torch.cuda.synchronize()
+    median_ms = triton.testing.do_bench(run, warmup=100, rep=500, return_mode="median")
+
+    def synced():
+        run()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(synced, rounds=20, iterations=1, warmup_rounds=3)
+    peak = peak_extra_mib(run) if pass_ == "fwdbwd" else None
+    benchmark.extra_info.update(median_ms=median_ms, peak_extra_mib=peak)
+    record(dict(shape=shape, dtype=dtype, op=op, **{"pass": pass_}, median_ms=median_ms,
+                peak_extra_mib=peak))

@@ -1,0 +1,132 @@
+"""Argument checking shared by the reference and the Triton path (never imports Triton).
+
+Every failure raises ``ValueError`` naming the offending argument.
+"""
+from dataclasses import dataclass
+
+import torch
+
+# D²Conv modes (SPEC §1.2): which size channel scales the t, y and x axis (None: scale 1)
+SIZE_AXES = {"x": (None, 0, 0), "xy": (None, 0, 1), "xxz": (0, 1, 1), "xyz": (0, 1, 2)}
+# number of size channels per offset group, by mode
+SIZE_CHANNELS = {mode: 1 + max(axes[1:]) for mode, axes in SIZE_AXES.items()}
+
+
+def triple(value, name):
+    """int or 3-sequence -> tuple of 3 ints."""
+    if isinstance(value, int):
+        return (value, value, value)
+    value = tuple(value)
+    if len(value) != 3 or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"{name} must be an int or a sequence of 3 ints, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Shapes of one deformable 3D convolution call (all derived from the arguments)."""
+
+    N: int
+    C: int
+    T: int
+    H: int
+    W: int
+    Co: int
+    kernel: tuple      # (kd, kh, kw)
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    offset_groups: int
+    out: tuple         # (To, Ho, Wo)
+
+    @property
+    def K(self):
+        kd, kh, kw = self.kernel
+        return kd * kh * kw
+
+
+def output_size(in_size, kernel, stride, padding, dilation):
+    """(To, Ho, Wo) of SPEC §1.1."""
+    return tuple((i + 2 * p - d * (k - 1) - 1) // s + 1
+                 for i, k, s, p, d in zip(in_size, kernel, stride, padding, dilation))
+
+
+def _check_tensor(t, name, ndim, ref):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if ref is not None:
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {ref.device}")
+        if t.dtype != ref.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but input has dtype {ref.dtype}")
+
+
+def check_args(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode):
+    """Validate a call and return its ConvGeometry.
+
+    ``coords`` is the offset tensor when ``mode == "offset"``, else the size map of that mode.
+    """
+    coords_name = "offset" if mode == "offset" else "size"
+    if mode != "offset" and mode not in SIZE_CHANNELS:
+        raise ValueError(f"mode must be one of {sorted(SIZE_CHANNELS)}, got {mode!r}")
+    _check_tensor(input, "input", 5, None)
+    if not input.dtype.is_floating_point:
+        raise ValueError(f"input must be floating point, got {input.dtype}")
+    _check_tensor(weight, "weight", 5, input)
+    _check_tensor(coords, coords_name, 5, input)
+    if bias is not None:
+        _check_tensor(bias, "bias", 1, input)
+    if mask is not None:
+        _check_tensor(mask, "mask", 5, input)
+    stride, padding, dilation = (triple(stride, "stride"), triple(padding, "padding"),
+                                 triple(dilation, "dilation"))
+    if min(stride) < 1:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if min(dilation) < 1:
+        raise ValueError(f"dilation must be positive, got {dilation}")
+    if min(padding) < 0:
+        raise ValueError(f"padding must be non-negative, got {padding}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+
+    N, C, T, H, W = input.shape
+    Co, Cg, kd, kh, kw = weight.shape
+    if C % groups:
+        raise ValueError(f"input has {C} channels, not divisible by groups={groups}")
+    if Co % groups:
+        raise ValueError(f"weight has {Co} output channels, not divisible by groups={groups}")
+    if Cg != C // groups:
+        raise ValueError(f"weight expects {Cg} input channels per group, input gives "
+                         f"{C} channels / groups={groups} = {C // groups}")
+    if min(kd, kh, kw) < 1:
+        raise ValueError(f"weight has an empty kernel {tuple(weight.shape[2:])}")
+    if bias is not None and bias.shape[0] != Co:
+        raise ValueError(f"bias has {bias.shape[0]} elements, weight has {Co} output channels")
+    out = output_size((T, H, W), (kd, kh, kw), stride, padding, dilation)
+    if min(out) < 1:
+        raise ValueError(f"input spatial size {(T, H, W)} is too small for kernel {(kd, kh, kw)} "
+                         f"with padding {padding} and dilation {dilation}")
+    K = kd * kh * kw
+
+    per_group = 3 * K if mode == "offset" else SIZE_CHANNELS[mode]
+    if coords.shape[1] == 0 or coords.shape[1] % per_group:
+        raise ValueError(f"{coords_name} has {coords.shape[1]} channels, expected a positive "
+                         f"multiple of {per_group} (offset groups x "
+                         f"{'3 x kernel points' if mode == 'offset' else f'{per_group} for mode {mode!r}'})")
+    G = coords.shape[1] // per_group
+    if C % G:
+        raise ValueError(f"{coords_name} implies {G} offset groups, which do not divide "
+                         f"the {C} input channels")
+    expected = (N, coords.shape[1]) + out
+    if tuple(coords.shape) != expected:
+        raise ValueError(f"{coords_name} has shape {tuple(coords.shape)}, expected {expected} "
+                         f"(batch, channels, output T, H, W)")
+    if mask is not None:
+        expected = (N, G * K) + out
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {expected} "
+                             f"(batch, offset groups x kernel points, output T, H, W)")
+    return ConvGeometry(N, C, T, H, W, Co, (kd, kh, kw), stride, padding, dilation, groups, G, out)

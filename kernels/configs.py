@@ -1,0 +1,113 @@
+"""Autotuning: the candidate configs of each kernel, their pruning, and how to pin one.
+
+Autotune keys are the channel counts, kernel size, stride, dilation, mode, groups and a
+power-of-two bucket of the number of output voxels (``M_BUCKET``), never the exact T x H x W,
+so a new video size reuses the tuned config of its bucket. Triton adds the tensors' dtypes.
+
+Environment:
+  D2CONV_AUTOTUNE=0          use each kernel's default config (no tuning); always the case under
+                             the Triton interpreter, where autotuning cannot run.
+  D2CONV_CONFIG_<KERNEL>=... pin one config for one kernel (FWD, BWD_DATA, BWD_WEIGHT), e.g.
+                             D2CONV_CONFIG_FWD="BLOCK_M=64,BLOCK_N=128,BLOCK_C=32,num_warps=4,num_stages=2"
+"""
+import os
+
+import triton
+
+# which launch parameters are meta-parameters (the rest are num_warps / num_stages)
+_LAUNCH = ("num_warps", "num_stages")
+
+KEY = ["C", "Cog", "Cg", "SEG", "G", "KD", "KH", "KW", "SD", "SH", "SW", "DD", "DH", "DW",
+       "IS_OFFSET", "SZ_CH", "SY_CH", "SX_CH", "HAS_MASK", "M_BUCKET"]
+
+
+def _cfg(num_warps, num_stages, **meta):
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+# candidates: (meta, warps, stages). Kept short: each kernel unrolls over all kernel points, so
+# every config is a long compile.
+FWD = [_cfg(8, 1, BLOCK_M=128, BLOCK_N=256, BLOCK_C=32),
+       _cfg(8, 1, BLOCK_M=128, BLOCK_N=128, BLOCK_C=32),
+       _cfg(4, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32),
+       _cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_C=64),
+       _cfg(8, 2, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64)]
+BWD_DATA = [_cfg(4, 1, BLOCK_M=32, BLOCK_O=64, BLOCK_C=32),
+            _cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32),
+            _cfg(4, 1, BLOCK_M=64, BLOCK_O=32, BLOCK_C=32),
+            _cfg(8, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=64),
+            _cfg(8, 1, BLOCK_M=128, BLOCK_O=64, BLOCK_C=32),
+            _cfg(4, 2, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32),
+            _cfg(8, 2, BLOCK_M=128, BLOCK_O=128, BLOCK_C=64)]
+BWD_WEIGHT = [_cfg(4, 2, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32),
+              _cfg(8, 2, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64),
+              _cfg(8, 1, BLOCK_M=128, BLOCK_O=128, BLOCK_C=32),
+              _cfg(4, 2, BLOCK_M=128, BLOCK_O=64, BLOCK_C=64)]
+CANDIDATES = {"FWD": FWD, "BWD_DATA": BWD_DATA, "BWD_WEIGHT": BWD_WEIGHT}
+# under the interpreter: small blocks, so that tests with a few dozen channels run every loop
+# (several channel and output-channel blocks, several voxel blocks, masked tails)
+INTERPRETER = {"FWD": _cfg(4, 1, BLOCK_M=32, BLOCK_N=16, BLOCK_C=16),
+               "BWD_DATA": _cfg(4, 1, BLOCK_M=32, BLOCK_O=16, BLOCK_C=16),
+               "BWD_WEIGHT": _cfg(4, 1, BLOCK_M=32, BLOCK_O=16, BLOCK_C=16)}
+
+# what each block dimension tiles (its extent is the named kernel argument); tl.dot needs >= 16
+_EXTENT = {"BLOCK_N": "Cog", "BLOCK_O": "Cog", "BLOCK_C": "SEG"}
+
+
+def _fit(config, args):
+    """Shrink a config's channel blocks to the problem (next power of two, at least 16)."""
+    meta = dict(config.kwargs)
+    for name, extent in _EXTENT.items():
+        if name in meta:
+            meta[name] = min(meta[name], max(16, triton.next_power_of_2(args[extent])))
+    return triton.Config(meta, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def prune(configs, named_args, **kwargs):
+    """Fit every candidate to the shape and drop the duplicates this makes."""
+    args = {**named_args, **kwargs}     # Triton passes keyword launch arguments in kwargs
+    seen, kept = set(), []
+    for config in configs:
+        config = _fit(config, args)
+        key = (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+        if key not in seen:
+            seen.add(key)
+            kept.append(config)
+    return kept
+
+
+def _parse(text, kernel):
+    meta, launch = {}, {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if not value.strip().isdigit():
+            raise ValueError(f"D2CONV_CONFIG_{kernel}: cannot read {item!r} (want NAME=INT,...)")
+        (launch if name in _LAUNCH else meta)[name] = int(value)
+    return triton.Config(meta, **launch)
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pinned(kernel, args):
+    """The config to launch ``kernel`` with when not autotuning, else None."""
+    text = os.environ.get(f"D2CONV_CONFIG_{kernel}")
+    if text:
+        return _parse(text, kernel)
+    if interpreting():
+        return INTERPRETER[kernel]
+    if os.environ.get("D2CONV_AUTOTUNE", "1") == "0":
+        return _fit(CANDIDATES[kernel][0], args)
+    return None
+
+
+def launch(kernel_fn, tuned_fn, name, grid, args):
+    """Launch a kernel with its pinned config, or through its autotuner."""
+    config = pinned(name, args)
+    if config is None:
+        tuned_fn[grid](**args)
+    else:
+        kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps,
+                        num_stages=config.num_stages)

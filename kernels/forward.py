@@ -1,0 +1,146 @@
+"""Forward kernel: implicit GEMM over (output voxels) x (output channels), the trilinear gather
+fused into the loading of the A tile. No column buffer; for D²Conv no offset tensor (positions
+come from the size map inside the kernel).
+
+    out[m, o] = bias[o] + sum_{k, c} A[m, (k, c)] * Wt[(k, c), o]
+    A[m, (k, c)] = mask[m, k, g(c)] * trilinear(input[n(m), c], position(m, k, g(c)))
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .checks import SIZE_AXES
+from .sampling import class_point, class_points, gather_tile, kernel_point, load_sizes
+
+
+@triton.jit
+def d2conv_fwd_kernel(
+    x_ptr,      # input, channels-last (N, T, H, W, C)
+    coord_ptr,  # offset (N, G*K*3, To, Ho, Wo) or size (N, G*NS, To, Ho, Wo), contiguous
+    mask_ptr,   # (N, G*K, To, Ho, Wo) contiguous, or any pointer when not HAS_MASK
+    w_ptr,      # weight (groups, K, Cg, Cog)
+    b_ptr,      # bias (Co,), or any pointer when not HAS_BIAS
+    out_ptr,    # (N, To, Ho, Wo, Co)
+    M, C, T, H, W, To, Ho, Wo, Co, Cg, Cog, Cpg, SEG, G, COORD_CH, M_BUCKET,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    IS_OFFSET: tl.constexpr, SZ_CH: tl.constexpr, SY_CH: tl.constexpr, SX_CH: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    K: tl.constexpr = KD * KH * KW
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n_tiles = tl.cdiv(Cog, BLOCK_N)
+    gr = pid_n // n_tiles                       # conv group
+    offs_o = (pid_n % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_ok = offs_o < Cog
+
+    L = To * Ho * Wo
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    n = offs_m // L
+    sp = offs_m % L
+    wo = sp % Wo
+    ho = sp // Wo % Ho
+    to = sp // (Wo * Ho)
+    n64 = n.to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    # the conv group's channels in segments that each sit inside one offset group
+    for seg in range(0, Cg // SEG):
+        c_first = gr * Cg + seg * SEG           # first input channel of the segment
+        g = c_first // Cpg                      # its offset group
+        coord_row = (n64 * COORD_CH + g * (COORD_CH // G)) * L + sp
+        s_z, s_y, s_x = load_sizes(coord_ptr, coord_row, L, m_ok, SZ_CH, SY_CH, SX_CH)
+        for TAPS in tl.static_range(8):
+            for r in range(class_points(TAPS, KD, KH, KW, IS_OFFSET, SZ_CH, SY_CH, SX_CH)):
+                i, j, l = class_point(r, TAPS, KD, KH, KW, IS_OFFSET, SZ_CH, SY_CH, SX_CH)
+                k = (i * KH + j) * KW + l
+                z0, fz, okz0, okz1, y0, fy, oky0, oky1, x0, fx, okx0, okx1 = kernel_point(
+                    coord_ptr, coord_row, L, m_ok, i, j, l, to, ho, wo, s_z, s_y, s_x, T, H, W,
+                    KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, IS_OFFSET, TAPS)
+                if HAS_MASK:
+                    scale = tl.load(mask_ptr + (n64 * (G * K) + g * K + k) * L + sp, mask=m_ok,
+                                    other=0.0).to(tl.float32)
+                else:
+                    scale = tl.where(m_ok, 1.0, 0.0)
+                row0 = (((n64 * T + z0) * H + y0) * W + x0) * C
+                w_row = (gr * K + k) * Cg + seg * SEG
+                for c0 in range(0, SEG, BLOCK_C):
+                    ch_ok = c0 + offs_c < SEG
+                    a = gather_tile(x_ptr, row0, c_first + c0 + offs_c, ch_ok, H * W * C, W * C, C,
+                                    fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, scale, TAPS)
+                    w_tile = tl.load(w_ptr + (w_row + c0 + offs_c)[:, None] * Cog + offs_o[None, :],
+                                     mask=ch_ok[:, None] & o_ok[None, :], other=0.0)
+                    acc = tl.dot(a.to(w_tile.dtype), w_tile, acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + gr * Cog + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * Co + (gr * Cog + offs_o)[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
+
+
+d2conv_fwd_tuned = triton.autotune(configs.FWD, key=configs.KEY,
+                                   prune_configs_by={"early_config_prune": configs.prune})(
+    d2conv_fwd_kernel)
+
+
+def dot_precision(dtype):
+    """IEEE fp32 unless PyTorch allows TF32 for matmuls; irrelevant for 16-bit inputs."""
+    if dtype != torch.float32:
+        return "ieee"
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "ieee"
+
+
+def kernel_args(geo, input, coords, weight, mask, mode):
+    """Arguments shared by all three kernels, and the channels-last input / reshaped weight.
+
+    Returns (args, x_cl, w_r): x_cl (N, T, H, W, C); w_r (groups, K, Cg, Cog).
+    """
+    N, C, T, H, W = input.shape
+    To, Ho, Wo = geo.out
+    Co, K, groups, G = geo.Co, geo.K, geo.groups, geo.offset_groups
+    Cg, Cog, Cpg = C // groups, Co // groups, C // G
+    M = N * To * Ho * Wo
+    x_cl = input.permute(0, 2, 3, 4, 1).contiguous()
+    w_r = weight.reshape(groups, Cog, Cg, K).permute(0, 3, 2, 1).contiguous()
+    axes = (-1, -1, -1) if mode == "offset" else tuple(-1 if a is None else a for a in SIZE_AXES[mode])
+    args = dict(
+        x_ptr=x_cl, coord_ptr=coords.contiguous(),
+        mask_ptr=mask.contiguous() if mask is not None else x_cl,
+        M=M, C=C, T=T, H=H, W=W, To=To, Ho=Ho, Wo=Wo, Co=Co, Cg=Cg, Cog=Cog, Cpg=Cpg,
+        SEG=math.gcd(Cg, Cpg), G=G, COORD_CH=coords.shape[1],
+        M_BUCKET=triton.next_power_of_2(M),
+        KD=geo.kernel[0], KH=geo.kernel[1], KW=geo.kernel[2],
+        SD=geo.stride[0], SH=geo.stride[1], SW=geo.stride[2],
+        PD=geo.padding[0], PH=geo.padding[1], PW=geo.padding[2],
+        DD=geo.dilation[0], DH=geo.dilation[1], DW=geo.dilation[2],
+        IS_OFFSET=mode == "offset", SZ_CH=axes[0], SY_CH=axes[1], SX_CH=axes[2],
+        HAS_MASK=mask is not None, DOT_PRECISION=dot_precision(input.dtype),
+    )
+    return args, x_cl, w_r
+
+
+def d2conv_fwd(geo, input, coords, weight, bias, mask, mode):
+    """Forward of deform_conv3d (mode "offset") / d2conv3d; returns (N, Co, To, Ho, Wo) in the
+    channels_last_3d memory format."""
+    args, x_cl, w_r = kernel_args(geo, input, coords, weight, mask, mode)
+    N = input.shape[0]
+    out = torch.empty((N, *geo.out, geo.Co), device=input.device, dtype=input.dtype)
+    args.update(w_ptr=w_r, b_ptr=bias if bias is not None else w_r, out_ptr=out,
+                HAS_BIAS=bias is not None)
+
+    def grid(meta):
+        return (triton.cdiv(args["M"], meta["BLOCK_M"]),
+                geo.groups * triton.cdiv(args["Cog"], meta["BLOCK_N"]))
+
+    configs.launch(d2conv_fwd_kernel, d2conv_fwd_tuned, "FWD", grid, args)
+    return out.permute(0, 4, 1, 2, 3)

@@ -1,0 +1,95 @@
+"""The Triton path as torch.library custom ops: forward, backward, fake (meta) implementations
+and autograd, so torch.compile traces them without graph breaks.
+
+``coords`` is the offset tensor when ``mode == "offset"`` (deform_conv3d) and the size map of a
+D²Conv mode otherwise. Triton is imported on first use, so importing this module (and the
+package) never needs it.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .checks import check_args
+
+
+def _require_triton(input):
+    from .configs import interpreting
+
+    if not (input.is_cuda or interpreting()):
+        raise RuntimeError("d2conv::conv3d runs Triton kernels: it needs CUDA tensors, or "
+                           "TRITON_INTERPRET=1 for CPU tensors (the kernels.* functions fall back "
+                           "to the PyTorch reference on CPU by themselves)")
+
+
+@torch.library.custom_op("d2conv::conv3d", mutates_args=())
+def conv3d(input: Tensor, coords: Tensor, weight: Tensor, bias: Optional[Tensor],
+           mask: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
+           groups: int, mode: str) -> Tensor:
+    _require_triton(input)
+    from .forward import d2conv_fwd
+
+    geo = check_args(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode)
+    return d2conv_fwd(geo, input, coords, weight, bias, mask, mode)
+
+
+@conv3d.register_fake
+def _(input, coords, weight, bias, mask, stride, padding, dilation, groups, mode):
+    geo = check_args(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode)
+    # channels-last, like the kernel's output
+    return input.new_empty((input.shape[0], *geo.out, geo.Co)).permute(0, 4, 1, 2, 3)
+
+
+@torch.library.custom_op("d2conv::conv3d_backward", mutates_args=())
+def conv3d_backward(grad_out: Tensor, input: Tensor, coords: Tensor, weight: Tensor,
+                    mask: Optional[Tensor], stride: list[int], padding: list[int],
+                    dilation: list[int], groups: int, mode: str, need_input: bool,
+                    need_coords: bool, need_weight: bool, need_bias: bool, need_mask: bool,
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_input, grad_coords, grad_weight, grad_bias, grad_mask); empty where not needed."""
+    _require_triton(input)
+    from .backward import d2conv_bwd
+
+    geo = check_args(input, coords, weight, None, stride, padding, dilation, mask, groups, mode)
+    grads = d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, need_bias,
+                       need_input, need_coords, need_mask, need_weight)
+    grad_input, grad_coords, grad_mask, grad_weight, grad_bias = grads
+    # a distinct empty tensor for each missing gradient: outputs may not alias each other
+    return tuple(input.new_empty(0) if g is None else g
+                 for g in (grad_input, grad_coords, grad_weight, grad_bias, grad_mask))
+
+
+@conv3d_backward.register_fake
+def _(grad_out, input, coords, weight, mask, stride, padding, dilation, groups, mode,
+      need_input, need_coords, need_weight, need_bias, need_mask):
+    N, C, T, H, W = input.shape
+    contiguous = torch.contiguous_format
+    return (input.new_empty((N, T, H, W, C)).permute(0, 4, 1, 2, 3) if need_input
+            else input.new_empty(0),
+            torch.empty_like(coords, memory_format=contiguous) if need_coords
+            else input.new_empty(0),
+            torch.empty_like(weight, memory_format=contiguous) if need_weight
+            else input.new_empty(0),
+            input.new_empty((weight.shape[0],)) if need_bias else input.new_empty(0),
+            torch.empty_like(mask, memory_format=contiguous) if need_mask and mask is not None
+            else input.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    input, coords, weight, bias, mask, stride, padding, dilation, groups, mode = inputs
+    ctx.save_for_backward(input, coords, weight, mask)
+    ctx.conf = (stride, padding, dilation, groups, mode)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    input, coords, weight, mask = ctx.saved_tensors
+    need_input, need_coords, need_weight, need_bias, need_mask = ctx.needs_input_grad[:5]
+    grads = torch.ops.d2conv.conv3d_backward(
+        grad_out, input, coords, weight, mask, *ctx.conf, need_input, need_coords, need_weight,
+        need_bias and ctx.has_bias, need_mask and mask is not None)
+    needed = (need_input, need_coords, need_weight, need_bias, need_mask)
+    return tuple(g if need else None for g, need in zip(grads, needed)) + (None,) * 5
+
+
+conv3d.register_autograd(_backward, setup_context=_setup_context)

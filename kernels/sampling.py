@@ -1,0 +1,231 @@
+"""Triton helpers shared by the forward and backward kernels: where a kernel point samples, and
+the trilinear gather / scatter of its corners over a block of channels.
+
+Notation inside kernels: a block holds BLOCK_M output voxels (rows) and BLOCK_C input channels
+(columns) of the channels-last input (N, T, H, W, C). One kernel point of one output voxel samples
+the position (z, y, x); along each axis it reads the corner ``i0`` and, where the position is not
+known at compile time to be an integer, ``i0 + 1`` too.
+
+Kernel points are visited by *tap class*: ``TAPS`` (bits z: 4, y: 2, x: 1) names the axes along
+which a point reads two corners. Free offsets put all K points in class 7 (8 corners). A D²Conv
+position is an integer along an axis its mode does not scale and wherever the kernel index is the
+centre, so a 3x3x3 xyz kernel has 8 points reading 8 corners, 12 reading 4, 6 reading 2 and the
+centre reading 1 (125 loads instead of 216); in modes x/xy the t axis never needs a second tap.
+Each kernel loops statically over the (at most 8) classes and at run time over the points of a
+class, which keeps the code small and the corner loads of one point unrolled.
+
+Triton turns a constexpr assigned to a local name into a tensor, so compile-time quantities are
+passed inline as arguments (``class_points(...)``) rather than kept in locals.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.constexpr_function
+def axis_points(two, ksize, is_offset, size_ch):
+    """How many kernel indices along one axis read two corners (two=True) or one (two=False)."""
+    if is_offset:            # free offsets: every index reads two corners
+        return ksize if two else 0
+    if size_ch < 0:          # D²Conv axis the mode does not scale: every index is an integer
+        return 0 if two else ksize
+    return ksize - 1 if two else 1   # scaled axis: all but the centre read two corners
+
+
+@triton.constexpr_function
+def class_points(TAPS, KD, KH, KW, IS_OFFSET, SZ_CH, SY_CH, SX_CH):
+    """Number of kernel points in tap class TAPS."""
+    return (axis_points(TAPS & 4 != 0, KD, IS_OFFSET, SZ_CH)
+            * axis_points(TAPS & 2 != 0, KH, IS_OFFSET, SY_CH)
+            * axis_points(TAPS & 1 != 0, KW, IS_OFFSET, SX_CH))
+
+
+@triton.jit
+def _axis_index(r, TWO: tl.constexpr, KSIZE: tl.constexpr, IS_OFFSET: tl.constexpr,
+                SIZE_CH: tl.constexpr):
+    """The r-th kernel index along one axis among those reading TWO corners or one."""
+    if IS_OFFSET or SIZE_CH < 0:
+        return r
+    elif TWO:
+        return r + (r >= KSIZE // 2).to(tl.int32)     # skip the centre
+    else:
+        return r * 0 + KSIZE // 2
+
+
+@triton.jit
+def class_point(r, TAPS: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                IS_OFFSET: tl.constexpr, SZ_CH: tl.constexpr, SY_CH: tl.constexpr,
+                SX_CH: tl.constexpr):
+    """Kernel indices (i, j, l) of the r-th point of tap class TAPS (run-time scalars)."""
+    r_x = r % axis_points(TAPS % 2 == 1, KW, IS_OFFSET, SX_CH)
+    r_y = r // axis_points(TAPS % 2 == 1, KW, IS_OFFSET, SX_CH) % axis_points(
+        (TAPS >> 1) % 2 == 1, KH, IS_OFFSET, SY_CH)
+    r_z = r // (axis_points(TAPS % 2 == 1, KW, IS_OFFSET, SX_CH)
+                * axis_points((TAPS >> 1) % 2 == 1, KH, IS_OFFSET, SY_CH))
+    return (_axis_index(r_z, (TAPS >> 2) % 2 == 1, KD, IS_OFFSET, SZ_CH),
+            _axis_index(r_y, (TAPS >> 1) % 2 == 1, KH, IS_OFFSET, SY_CH),
+            _axis_index(r_x, TAPS % 2 == 1, KW, IS_OFFSET, SX_CH))
+
+
+@triton.jit
+def axis_taps(base, delta, size, TWO: tl.constexpr):
+    """One axis of a sample at ``base + delta``.
+
+    base:  [BLOCK_M] int32, the undeformed position (stride * out - pad + index * dilation)
+    delta: [BLOCK_M] fp32, the offset along this axis (ignored when TWO is False)
+    Returns (i0, frac, ok0, ok1): the lower corner, the fraction toward i0 + 1, and whether the
+    corners i0 and i0 + 1 lie inside [0, size). With TWO False the position is the integer
+    ``base`` and frac is 0.
+    """
+    if TWO:
+        p = base.to(tl.float32) + delta
+        # far-away samples: clamp so the int conversion cannot overflow (all corners stay outside)
+        p = tl.minimum(tl.maximum(p, -2.0), size + 1.0)
+        p0 = tl.floor(p)
+        frac = p - p0
+        i0 = p0.to(tl.int32)
+    else:
+        i0 = base
+        frac = tl.zeros(base.shape, tl.float32)
+    return i0, frac, (i0 >= 0) & (i0 < size), (i0 >= -1) & (i0 < size - 1)
+
+
+@triton.jit
+def _tap(c: tl.constexpr, frac, ok0, ok1):
+    """Weight and validity of tap c (0: i0, 1: i0 + 1) along one axis."""
+    if c == 0:
+        return 1.0 - frac, ok0
+    else:
+        return frac, ok1
+
+
+@triton.jit
+def gather_tile(x_ptr, row0, ch, ch_ok, HWC, WC, C,
+                fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, scale, TAPS: tl.constexpr):
+    """Trilinear samples of one kernel point over a block of channels.
+
+    row0:  [BLOCK_M] int64, element offset of corner (i0, j0, l0) of each sample (channel 0)
+    ch:    [BLOCK_C] int32, channel indices; ch_ok their mask
+    scale: [BLOCK_M] fp32, multiplies every corner weight (the modulation mask, or 1)
+    Returns the fp32 [BLOCK_M, BLOCK_C] tile of scale * value.
+    """
+    value = tl.zeros((row0.shape[0], ch.shape[0]), tl.float32)
+    for cz in tl.static_range(1 + (TAPS >> 2) % 2):
+        wz, okz = _tap(cz, fz, okz0, okz1)
+        for cy in tl.static_range(1 + (TAPS >> 1) % 2):
+            wy, oky = _tap(cy, fy, oky0, oky1)
+            for cx in tl.static_range(1 + TAPS % 2):
+                wx, okx = _tap(cx, fx, okx0, okx1)
+                ok = okz & oky & okx
+                ptr = x_ptr + (row0 + (cz * HWC + cy * WC + cx * C))[:, None] + ch[None, :]
+                v = tl.load(ptr, mask=ok[:, None] & ch_ok[None, :], other=0.0).to(tl.float32)
+                value += (wz * wy * wx * scale)[:, None] * v
+    return value
+
+
+@triton.jit
+def gather_dot(x_ptr, row0, ch, ch_ok, HWC, WC, C, grad,
+               fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, TAPS: tl.constexpr):
+    """Row sums of grad * (value and its position derivatives) for one kernel point.
+
+    grad: [BLOCK_M, BLOCK_C] fp32, the gradient of the sampled (unmasked) values.
+    Returns [BLOCK_M] fp32 (sum_c grad * value, sum_c grad * dvalue/dz, .../dy, .../dx): each
+    corner's row sum is taken once and weighted per axis, so no per-channel derivative tile is
+    kept. The derivatives are right derivatives (corners held fixed), zero along axes with one tap.
+    """
+    g_v = tl.zeros((row0.shape[0],), tl.float32)
+    g_z = tl.zeros((row0.shape[0],), tl.float32)
+    g_y = tl.zeros((row0.shape[0],), tl.float32)
+    g_x = tl.zeros((row0.shape[0],), tl.float32)
+    for cz in tl.static_range(1 + (TAPS >> 2) % 2):
+        wz, okz = _tap(cz, fz, okz0, okz1)
+        for cy in tl.static_range(1 + (TAPS >> 1) % 2):
+            wy, oky = _tap(cy, fy, oky0, oky1)
+            for cx in tl.static_range(1 + TAPS % 2):
+                wx, okx = _tap(cx, fx, okx0, okx1)
+                ok = okz & oky & okx
+                ptr = x_ptr + (row0 + (cz * HWC + cy * WC + cx * C))[:, None] + ch[None, :]
+                v = tl.load(ptr, mask=ok[:, None] & ch_ok[None, :], other=0.0).to(tl.float32)
+                s = tl.sum(grad * v, axis=1)
+                g_v += wz * wy * wx * s
+                if (TAPS >> 2) % 2 == 1:
+                    g_z += (2 * cz - 1) * wy * wx * s
+                if (TAPS >> 1) % 2 == 1:
+                    g_y += (2 * cy - 1) * wz * wx * s
+                if TAPS % 2 == 1:
+                    g_x += (2 * cx - 1) * wz * wy * s
+    return g_v, g_z, g_y, g_x
+
+
+@triton.jit
+def scatter_tile(gx_ptr, row0, ch, ch_ok, HWC, WC, C, grad,
+                 fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, scale, TAPS: tl.constexpr):
+    """The transpose of gather_tile's value: add corner_weight * scale * grad into each corner.
+
+    gx_ptr: fp32 buffer shaped like the channels-last input; grad: [BLOCK_M, BLOCK_C] fp32.
+    Corners outside the volume or with zero weight are skipped.
+    """
+    for cz in tl.static_range(1 + (TAPS >> 2) % 2):
+        wz, okz = _tap(cz, fz, okz0, okz1)
+        for cy in tl.static_range(1 + (TAPS >> 1) % 2):
+            wy, oky = _tap(cy, fy, oky0, oky1)
+            for cx in tl.static_range(1 + TAPS % 2):
+                wx, okx = _tap(cx, fx, okx0, okx1)
+                w = wz * wy * wx * scale
+                ok = okz & oky & okx & (w != 0.0)
+                ptr = gx_ptr + (row0 + (cz * HWC + cy * WC + cx * C))[:, None] + ch[None, :]
+                tl.atomic_add(ptr, w[:, None] * grad, mask=ok[:, None] & ch_ok[None, :],
+                              sem="relaxed")
+
+
+@triton.jit
+def kernel_point(coord_ptr, coord_row, L, sp_ok, i, j, l, to, ho, wo, s_z, s_y, s_x,
+                 T, H, W, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                 SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                 PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                 DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                 IS_OFFSET: tl.constexpr, TAPS: tl.constexpr):
+    """Corners of kernel point (i, j, l) (k = (i*KH + j)*KW + l) for a block of output voxels.
+
+    coord_row: [BLOCK_M] int64, element offset of (n, channel 0 of this offset group, voxel) in
+    the offset tensor, read when IS_OFFSET (channel k*3 + a is (k*3 + a)*L elements further).
+    s_z, s_y, s_x: [BLOCK_M] fp32 D²Conv scales (see load_sizes; unused when IS_OFFSET).
+    sp_ok: [BLOCK_M] row mask; corners of masked rows are all invalid.
+    Returns (z0, fz, okz0, okz1, y0, ..., x0, ..., okx1), see axis_taps.
+    """
+    bz = to * SD - PD + i * DD
+    by = ho * SH - PH + j * DH
+    bx = wo * SW - PW + l * DW
+    if IS_OFFSET:
+        k3 = ((i * KH + j) * KW + l) * 3
+        d_z = tl.load(coord_ptr + coord_row + k3 * L, mask=sp_ok, other=0.0).to(tl.float32)
+        d_y = tl.load(coord_ptr + coord_row + (k3 + 1) * L, mask=sp_ok, other=0.0).to(tl.float32)
+        d_x = tl.load(coord_ptr + coord_row + (k3 + 2) * L, mask=sp_ok, other=0.0).to(tl.float32)
+    else:
+        # the float ops of offsets_from_size: (s - 1) * ((index - centre) * dilation)
+        d_z = (s_z - 1.0) * ((i - KD // 2) * DD).to(tl.float32)
+        d_y = (s_y - 1.0) * ((j - KH // 2) * DH).to(tl.float32)
+        d_x = (s_x - 1.0) * ((l - KW // 2) * DW).to(tl.float32)
+    z0, fz, okz0, okz1 = axis_taps(bz, d_z, T, (TAPS >> 2) % 2 == 1)
+    # rows past the last voxel read and write nothing
+    okz0 = okz0 & sp_ok
+    okz1 = okz1 & sp_ok
+    y0, fy, oky0, oky1 = axis_taps(by, d_y, H, (TAPS >> 1) % 2 == 1)
+    x0, fx, okx0, okx1 = axis_taps(bx, d_x, W, TAPS % 2 == 1)
+    return z0, fz, okz0, okz1, y0, fy, oky0, oky1, x0, fx, okx0, okx1
+
+
+@triton.jit
+def load_sizes(coord_ptr, coord_row, L, sp_ok, SZ_CH: tl.constexpr, SY_CH: tl.constexpr,
+               SX_CH: tl.constexpr):
+    """The [BLOCK_M] fp32 scales (s_z, s_y, s_x) of one offset group; 1 where the mode fixes it."""
+    one = tl.full(sp_ok.shape, 1.0, tl.float32)
+    s_z = one
+    s_y = one
+    s_x = one
+    if SZ_CH >= 0:
+        s_z = tl.load(coord_ptr + coord_row + SZ_CH * L, mask=sp_ok, other=1.0).to(tl.float32)
+    if SY_CH >= 0:
+        s_y = tl.load(coord_ptr + coord_row + SY_CH * L, mask=sp_ok, other=1.0).to(tl.float32)
+    if SX_CH >= 0:
+        s_x = tl.load(coord_ptr + coord_row + SX_CH * L, mask=sp_ok, other=1.0).to(tl.float32)
+    return s_z, s_y, s_x

@@ -1,0 +1,10 @@
+"""Test setup: without a GPU the Triton kernels run under the Triton interpreter, which has to be
+chosen before Triton is imported; autotuning is off so each test compiles one config."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("D2CONV_AUTOTUNE", "0")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # silence Triton 3.9's notice

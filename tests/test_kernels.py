@@ -1,0 +1,213 @@
+"""The Triton kernels (interpreter on CPU, compiled on GPU) against the float64 reference:
+forward and every gradient, fresh random inputs per test, NaN-poisoned outputs and NaN-surrounded
+inputs so that unwritten outputs and out-of-bounds reads show up."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from helpers import (DEVICE, NAMES, Case, apply, make_inputs, nan_padded, reference, rel_err,
+                     run)
+
+ON_GPU = DEVICE == "cuda"
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """Every torch.empty / empty_like made during a test starts as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+
+    def nan_empty_like(*args, **kwargs):
+        t = empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+
+
+def check_against_reference(case, dtype=torch.float32, tol=1e-5, coords=None):
+    x, c, w, b, m = make_inputs(case, dtype, coords=coords)
+    # input channels-last in NaN-surrounded storage (used in place by the kernels); the offset /
+    # size and mask are read in place too
+    inputs = [nan_padded(x, channels_last=True), nan_padded(c), w, b,
+              None if m is None else nan_padded(m)]
+    out, grads, grad_out = run(case, inputs)
+    ref_out, ref_grads = reference(case, inputs, grad_out)
+    errors = {"output": rel_err(out, ref_out)}
+    for name, g, r in zip(NAMES, grads, ref_grads):
+        if r is not None:
+            errors[name] = rel_err(g, r)
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"relative errors over {tol}: {bad} (all: {errors})"
+    return errors
+
+
+# one case per feature; small so the interpreter stays fast. Channel counts above the
+# interpreter's 16-wide blocks and more than 32 voxels run every loop and masked tail.
+CASES = [
+    Case(N=2, C=18, T=2, H=4, W=5, Co=20, mode="offset"),
+    Case(N=2, C=18, T=2, H=4, W=5, Co=20, mode="xyz"),
+    Case(N=1, C=8, T=3, H=6, W=5, Co=12, mode="x"),
+    Case(N=1, C=8, T=3, H=6, W=5, Co=12, mode="xy"),
+    Case(N=1, C=8, T=3, H=6, W=5, Co=12, mode="xxz"),
+    Case(N=1, C=6, T=2, H=3, W=4, Co=4, groups=2, G=3, mode="offset"),
+    Case(N=1, C=12, T=2, H=4, W=5, Co=8, groups=2, G=1, mode="xyz"),
+    Case(N=1, C=12, T=2, H=4, W=5, Co=6, groups=3, G=2, mode="x"),
+    Case(N=2, C=8, T=5, H=7, W=6, Co=8, stride=2, padding=0, mode="xyz"),
+    Case(N=1, C=8, T=4, H=9, W=8, Co=8, stride=(1, 2, 2), padding=2, dilation=2, mode="offset"),
+    Case(N=1, C=8, T=3, H=7, W=6, Co=8, padding=(0, 2, 1), dilation=(1, 2, 1), mode="xxz"),
+    Case(N=1, C=8, T=2, H=9, W=5, Co=8, kernel=(1, 7, 1), padding=(0, 3, 0), mode="offset"),
+    Case(N=1, C=8, T=2, H=5, W=9, Co=8, kernel=(1, 1, 7), padding=(0, 0, 3), mode="xy"),
+    Case(N=1, C=8, T=2, H=5, W=7, Co=8, kernel=(1, 3, 3), padding=(0, 1, 1), mode="xyz"),
+    Case(N=1, C=8, T=1, H=5, W=7, Co=8, mode="xyz"),
+    Case(N=1, C=8, T=1, H=4, W=5, Co=8, kernel=(2, 2, 3), padding=(1, 0, 1), mode="offset"),
+    Case(N=2, C=8, T=3, H=4, W=5, Co=8, mode="xyz", mask=False, bias=False),
+    Case(N=2, C=8, T=3, H=4, W=5, Co=8, mode="offset", mask=False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_reference(case):
+    check_against_reference(case)
+
+
+@pytest.mark.parametrize("mode", ["x", "xy", "xxz", "xyz"])
+def test_d2conv_equals_deform_on_expanded_offsets(mode):
+    case = Case(N=1, C=8, T=2, H=4, W=5, Co=8, mode=mode)
+    x, size, w, b, m = make_inputs(case)
+    out, grads, grad_out = run(case, [x, size, w, b, m])
+    # the same through deform_conv3d; the size gradient flows back through offsets_from_size
+    offset = kernels.offsets_from_size(size, case.kernel, case.dilation, mode)
+    deform = case.with_(mode="offset")
+    out2 = apply(deform, x, offset, w, b, m)
+    grads2 = torch.autograd.grad(out2, [x, size, w, b, m], grad_out)
+    assert rel_err(out, out2) <= 1e-6
+    for name, g, g2 in zip(NAMES, grads, grads2):
+        assert rel_err(g, g2) <= 1e-5, name
+
+
+@pytest.mark.parametrize("mode", ["offset", "x", "xyz"])
+def test_identity_coords_equal_conv3d(mode):
+    """Zero offsets / unit sizes without mask are the plain convolution."""
+    case = Case(N=2, C=8, T=3, H=5, W=6, Co=8, stride=(1, 2, 1), padding=(1, 1, 0),
+                dilation=(1, 1, 2), groups=2, mode=mode, mask=False)
+    if mode == "offset":
+        coords = torch.zeros(case.N, case.K * 3, *case.out)
+    else:
+        coords = torch.ones(case.N, kernels.SIZE_CHANNELS[mode], *case.out)
+    x, c, w, b, _ = make_inputs(case, coords=coords)
+    out = apply(case, x, c, w, b, None)
+    assert rel_err(out, F.conv3d(x, w, b, **case.conv_kwargs)) <= 1e-5
+
+
+def test_size_two_equals_dilated_conv():
+    case = Case(N=1, C=8, T=3, H=7, W=8, Co=8, mode="x", mask=False)
+    x, _, w, b, _ = make_inputs(case)
+    size = torch.full((1, 1, *case.out), 2.0, device=DEVICE)
+    out = apply(case, x, size, w, b, None)
+    expected = F.conv3d(x, w, b, padding=(1, 2, 2), dilation=(1, 2, 2))
+    assert rel_err(out, expected) <= 1e-5
+
+
+def shifted_window(x, shift, pad):
+    """The zero-padded input window that a stride-1 convolution with padding ``pad`` reads when
+    every sample is moved by ``shift``: result[q] = x[q - pad + shift], zero outside."""
+    P = max(abs(s) for s in shift) + pad
+    xp = F.pad(x, (P,) * 6)
+    (a, b, c), (T, H, W) = shift, x.shape[2:]
+    lo = P - pad
+    return xp[:, :, lo + a:lo + a + T + 2 * pad, lo + b:lo + b + H + 2 * pad,
+              lo + c:lo + c + W + 2 * pad]
+
+
+def test_integer_offset_equals_shifted_conv():
+    case = Case(N=1, C=8, T=4, H=6, W=7, Co=8, mask=False)
+    shift = (1, -2, 3)
+    offset = torch.tensor(shift, dtype=torch.float32, device=DEVICE).view(1, 1, 3, 1, 1, 1)
+    offset = offset.expand(1, case.K, 3, *case.out).reshape(1, -1, *case.out)
+    x, _, w, b, _ = make_inputs(case, coords=offset)
+    out = apply(case, x, offset, w, b, None)
+    assert rel_err(out, F.conv3d(shifted_window(x, shift, 1), w, b)) <= 1e-5
+
+
+def boundary_offsets(case, targets):
+    """Offsets that put every sample of every axis on one of the absolute coordinates in
+    ``targets`` (a callable giving, per axis size, the candidate positions)."""
+    To, Ho, Wo = case.out
+    base = []
+    for axis, (n_out, k) in enumerate(zip(case.out, case.kernel)):
+        pos = torch.arange(n_out, dtype=torch.float64) - 1  # stride 1, padding 1
+        idx = torch.arange(k, dtype=torch.float64)
+        base.append(pos.view(1, -1) + idx.view(-1, 1))      # (k, n_out)
+    sizes = (case.T, case.H, case.W)
+    shape = (case.N, case.K, 3, To, Ho, Wo)
+    offset = torch.empty(shape, dtype=torch.float64)
+    kd, kh, kw = case.kernel
+    for a in range(3):
+        cand = torch.tensor(targets(sizes[a]), dtype=torch.float64)
+        choice = cand[torch.randint(len(cand), shape[:2] + shape[3:])]
+        b = base[a]
+        k_index = torch.arange(case.K)
+        k_axis = (k_index // (kh * kw), k_index // kw % kh, k_index % kw)[a]
+        view = [1, case.K, 1, 1, 1]
+        view[2 + a] = case.out[a]
+        start = b[k_axis].view(*view[:2], *[case.out[i] if i == a else 1 for i in range(3)])
+        offset[:, :, a] = choice - start
+    return offset.reshape(case.N, -1, To, Ho, Wo).float()
+
+
+def test_boundary_samples_match_reference():
+    """Samples exactly at -1, in (-1, 0), at 0, at size-1, in (size-1, size), at size and far
+    outside: finite and equal to the reference, gradients included."""
+    case = Case(N=1, C=8, T=3, H=4, W=5, Co=8)
+
+    def targets(n):
+        return [-1e6, -2.0, -1.0, -0.75, -0.001, 0.0, 0.5, n - 1.0, n - 0.75, n - 0.001,
+                float(n), n + 0.5, 1e6]
+
+    check_against_reference(case, coords=boundary_offsets(case, targets))
+
+
+def test_fully_outside_samples_contribute_nothing():
+    case = Case(N=1, C=8, T=3, H=4, W=5, Co=8)
+    offset = torch.full((1, case.K * 3, *case.out), 1e6, device=DEVICE)
+    offset[:, 1::3] = -1.5   # y inside, t and x far away: still entirely outside
+    x, c, w, b, m = make_inputs(case, coords=offset)
+    out, (gx, gc, gw, gb, gm), _ = run(case, [x, c, w, b, m])
+    assert torch.equal(out, b.detach().view(1, -1, 1, 1, 1).expand_as(out))
+    for g in (gx, gc, gw, gm):
+        assert torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize("mode", ["offset", "xyz", "x"])
+def test_integer_coordinates_take_the_right_derivative(mode):
+    """At initialisation every D²Conv sample sits on an integer; the kernels must give the
+    reference's one-sided gradients there (the reference itself is checked against forward
+    differences in test_naive.py)."""
+    case = Case(N=1, C=8, T=3, H=5, W=6, Co=8, mode=mode)
+    if mode == "offset":
+        coords = torch.randint(-2, 3, (1, case.K * 3, *case.out)).float()
+    else:
+        coords = torch.randint(1, 3, (1, {"x": 1, "xyz": 3}[mode], *case.out)).float()
+    check_against_reference(case, coords=coords)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("mode", ["offset", "xyz"])
+def test_half_precision(dtype, mode):
+    if dtype == torch.bfloat16 and not ON_GPU:
+        pytest.skip("the Triton interpreter computes bf16 tl.dot wrongly; bf16 runs on the GPU")
+    case = Case(N=1, C=16, T=3, H=5, W=7, Co=16, mode=mode)
+    check_against_reference(case, dtype=dtype, tol=1e-2)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="paper-sized channels: GPU only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_wide_channels_on_gpu(dtype):
+    """The default (large-block) configs with hundreds of channels and several tiles."""
+    case = Case(N=1, C=256, T=2, H=9, W=14, Co=256, mode="xyz")
+    check_against_reference(case, dtype=dtype, tol=1e-5 if dtype == torch.float32 else 1e-2)

@@ -1,0 +1,122 @@
+"""The public API around the kernels: argument errors, dispatch, torch.library registration,
+torch.compile, autotuning configuration."""
+import pytest
+import torch
+
+import kernels
+from helpers import DEVICE, Case, apply, make_inputs, rel_err
+from kernels import configs, naive
+
+
+def good_args(**change):
+    args = dict(input=torch.randn(1, 4, 3, 5, 5), offset=torch.randn(1, 81, 3, 5, 5),
+                weight=torch.randn(6, 4, 3, 3, 3), bias=None, stride=1, padding=1, dilation=1,
+                mask=torch.rand(1, 27, 3, 5, 5), groups=1)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change, word", [
+    (dict(input=torch.randn(4, 3, 5, 5)), "input"),
+    (dict(weight=torch.randn(6, 4, 3, 3)), "weight"),
+    (dict(offset=torch.randn(1, 80, 3, 5, 5)), "offset"),
+    (dict(offset=torch.randn(1, 81, 3, 5, 4)), "offset"),
+    (dict(offset=torch.randn(1, 81 * 3, 3, 5, 5)), "offset groups"),   # 3 groups, 4 channels
+    (dict(mask=torch.rand(1, 26, 3, 5, 5)), "mask"),
+    (dict(mask=torch.rand(1, 27, 3, 5, 5, dtype=torch.float64)), "mask"),
+    (dict(bias=torch.randn(5)), "bias"),
+    (dict(groups=3), "groups"),
+    (dict(weight=torch.randn(6, 2, 3, 3, 3)), "weight"),
+    (dict(stride=0), "stride"),
+    (dict(dilation=(1, 0, 1)), "dilation"),
+    (dict(padding=(1, 1)), "padding"),
+    (dict(weight=torch.randn(6, 4, 3, 3, 3, dtype=torch.float64)), "weight"),
+    (dict(input=torch.randn(1, 4, 1, 1, 1), offset=torch.randn(1, 81, 1, 1, 1),
+          mask=None, padding=0), "too small"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_arguments_raise_value_error_naming_them(change, word):
+    with pytest.raises(ValueError, match=word):
+        kernels.deform_conv3d(**good_args(**change))
+
+
+def test_bad_size_and_mode():
+    x, w = torch.randn(1, 4, 3, 5, 5), torch.randn(6, 4, 3, 3, 3)
+    with pytest.raises(ValueError, match="size"):
+        kernels.d2conv3d(x, torch.rand(1, 2, 3, 5, 5), w, padding=1, mode="xyz")
+    with pytest.raises(ValueError, match="mode"):
+        kernels.d2conv3d(x, torch.rand(1, 3, 3, 5, 5), w, padding=1, mode="zz")
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    calls = []
+    monkeypatch.setattr(naive, "deform_conv3d",
+                        lambda *a, **k: calls.append(1) or torch.zeros(1))
+    kernels.deform_conv3d(**good_args())
+    assert calls == [1]
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs a GPU or the Triton interpreter")
+def test_opcheck():
+    case = Case(N=1, C=4, T=2, H=3, W=3, Co=4, kernel=(1, 2, 2), padding=(0, 1, 0), mode="xy")
+    x, size, w, b, m = make_inputs(case)
+    torch.library.opcheck(torch.ops.d2conv.conv3d.default,
+                          (x, size, w, b, m, [1, 1, 1], [0, 1, 0], [1, 1, 1], 1, "xy"))
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 4, 1, 2, 2) * 0.3)
+
+        def forward(self, x, size):
+            return kernels.d2conv3d(x, size, self.weight, padding=(0, 1, 0), mode="x").relu()
+
+    block = Block().to(DEVICE)
+    x = torch.randn(1, 4, 2, 3, 3, device=DEVICE, requires_grad=True)
+    size = torch.rand(1, 1, 2, 4, 2, device=DEVICE) + 0.5
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
+    out = compiled(x, size)
+    out.sum().backward()
+    assert rel_err(out, block(x, size)) <= 1e-5
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    device_type = "cuda" if DEVICE == "cuda" else "cpu"
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    case = Case(N=1, C=4, T=2, H=3, W=4, Co=4, mode="xyz")
+    x, size, w, b, m = make_inputs(case)
+    with torch.autocast(device_type, dtype=dtype):
+        out = apply(case, x, size, w, b, m)
+    assert out.dtype == dtype
+    assert rel_err(out, apply(case, x, size, w, b, m)) <= 1e-2
+
+
+def test_config_from_environment(monkeypatch):
+    monkeypatch.setenv("D2CONV_CONFIG_FWD", "BLOCK_M=64,BLOCK_N=32,BLOCK_C=16,num_warps=2,num_stages=1")
+    config = configs.pinned("FWD", {})
+    assert config.kwargs == {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_C": 16}
+    assert (config.num_warps, config.num_stages) == (2, 1)
+    monkeypatch.setenv("D2CONV_CONFIG_FWD", "BLOCK_M=big")
+    with pytest.raises(ValueError, match="D2CONV_CONFIG_FWD"):
+        configs.pinned("FWD", {})
+
+
+def test_pinned_config_from_environment_is_used(monkeypatch):
+    """A run with a pinned small config gives the same result as the default config."""
+    case = Case(N=1, C=8, T=2, H=3, W=4, Co=8, kernel=(1, 3, 3), padding=(0, 1, 1), mode="xy")
+    x, size, w, b, m = make_inputs(case)
+    out = apply(case, x, size, w, b, m)
+    monkeypatch.setenv("D2CONV_CONFIG_FWD", "BLOCK_M=16,BLOCK_N=16,BLOCK_C=16,num_warps=1,num_stages=1")
+    assert rel_err(apply(case, x, size, w, b, m), out) <= 1e-6
+
+
+def test_prune_fits_blocks_to_the_shape():
+    kept = configs.prune(configs.FWD, {"Cog": 24, "SEG": 8})
+    assert {c.kwargs["BLOCK_N"] for c in kept} == {32}
+    assert {c.kwargs["BLOCK_C"] for c in kept} == {16}
+    assert len(kept) == len({(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+                             for c in kept})
