@@ -2,7 +2,8 @@
 
 Each case times forward ("fwd") and forward+backward ("fwdbwd") with pytest-benchmark (host clock
 around a synchronised call) and records the CUDA-event median of triton.testing.do_bench, plus the
-peak extra memory of a forward+backward, into bench/results/<gpu>.json. Every case skips without
+peak extra memory of a forward+backward, into bench/results/<gpu>.json (or the folder named by
+D2CONV_BENCH_RESULTS). Every case skips without
 a GPU. A figure means nothing if the op is wrong: before timing an op at a shape, the bench
 checks its forward and gradients at the same channel counts (a small video) against the float64
 reference and refuses to time it when they disagree.
@@ -24,7 +25,7 @@ SHAPES = {  # name: (N, C_in, C_out, T, H, W)
 }
 OPS = ["dense", "d2conv3d"]
 DTYPES = {"bfloat16": torch.bfloat16}
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("D2CONV_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a GPU")
 

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from . import naive
+from . import naive, ops  # ops registers torch.ops.d2conv.* (Triton is imported on first use)
 from .checks import SIZE_CHANNELS, check_args
 from .naive import offsets_from_size
 
@@ -36,8 +36,6 @@ def _run(input, coords, weight, bias, stride, padding, dilation, mask, groups, m
                                        mask, groups)
         return naive.d2conv3d(input, coords, weight, bias, stride, padding, dilation, mask,
                               groups, mode)
-    from . import ops  # registers the custom ops
-
     geo = check_args(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode)
     return torch.ops.d2conv.conv3d(input, coords, weight, bias, mask, list(geo.stride),
                                    list(geo.padding), list(geo.dilation), groups, mode)

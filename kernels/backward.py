@@ -281,7 +281,7 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
         configs.launch(d2conv_bwd_weight_kernel, d2conv_bwd_weight_tuned, "BWD_WEIGHT", grid,
                        weight_args)
         if need_weight:
-            grad_weight = gw.permute(0, 3, 2, 1).reshape(weight.shape).to(dtype)
+            grad_weight = gw.permute(0, 3, 2, 1).reshape(weight.shape).to(dtype).contiguous()
         if has_bias:
             grad_bias = gb.to(dtype)
     return grad_input, grad_coords, grad_mask, grad_weight, grad_bias

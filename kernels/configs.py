@@ -27,22 +27,17 @@ def _cfg(num_warps, num_stages, **meta):
 
 # candidates: (meta, warps, stages). Kept short: each kernel unrolls over all kernel points, so
 # every config is a long compile.
-FWD = [_cfg(8, 1, BLOCK_M=128, BLOCK_N=256, BLOCK_C=32),
-       _cfg(8, 1, BLOCK_M=128, BLOCK_N=128, BLOCK_C=32),
+FWD = [_cfg(8, 1, BLOCK_M=128, BLOCK_N=128, BLOCK_C=32),
        _cfg(4, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32),
-       _cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_C=64),
+       _cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=32),
        _cfg(8, 2, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64)]
 BWD_DATA = [_cfg(4, 1, BLOCK_M=32, BLOCK_O=64, BLOCK_C=32),
             _cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32),
-            _cfg(4, 1, BLOCK_M=64, BLOCK_O=32, BLOCK_C=32),
-            _cfg(8, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=64),
-            _cfg(8, 1, BLOCK_M=128, BLOCK_O=64, BLOCK_C=32),
-            _cfg(4, 2, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32),
-            _cfg(8, 2, BLOCK_M=128, BLOCK_O=128, BLOCK_C=64)]
-BWD_WEIGHT = [_cfg(4, 2, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32),
-              _cfg(8, 2, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64),
+            _cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32)]
+BWD_WEIGHT = [_cfg(8, 2, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64),
               _cfg(8, 1, BLOCK_M=128, BLOCK_O=128, BLOCK_C=32),
-              _cfg(4, 2, BLOCK_M=128, BLOCK_O=64, BLOCK_C=64)]
+              _cfg(8, 2, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
+              _cfg(4, 2, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32)]
 CANDIDATES = {"FWD": FWD, "BWD_DATA": BWD_DATA, "BWD_WEIGHT": BWD_WEIGHT}
 # under the interpreter: small blocks, so that tests with a few dozen channels run every loop
 # (several channel and output-channel blocks, several voxel blocks, masked tails)

@@ -2,9 +2,19 @@
 chosen before Triton is imported; autotuning is off so each test compiles one config."""
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("D2CONV_AUTOTUNE", "0")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # silence Triton 3.9's notice
+
+
+@pytest.fixture(autouse=True)
+def ieee_fp32():
+    """fp32 comparisons with F.conv3d need cuDNN without TF32 (PyTorch's default allows it)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -61,8 +61,13 @@ def test_cpu_without_interpreter_uses_reference(monkeypatch):
 def test_opcheck():
     case = Case(N=1, C=4, T=2, H=3, W=3, Co=4, kernel=(1, 2, 2), padding=(0, 1, 0), mode="xy")
     x, size, w, b, m = make_inputs(case)
-    torch.library.opcheck(torch.ops.d2conv.conv3d.default,
-                          (x, size, w, b, m, [1, 1, 1], [0, 1, 0], [1, 1, 1], 1, "xy"))
+    conf = ([1, 1, 1], [0, 1, 0], [1, 1, 1], 1, "xy")
+    torch.library.opcheck(torch.ops.d2conv.conv3d.default, (x, size, w, b, m, *conf))
+    grad_out = torch.randn(1, 4, *case.out, device=DEVICE)
+    inputs = [t.detach() for t in (x, size, w, m)]      # the backward op has no backward
+    for needs in ((True, True, True, True, True), (False, True, False, False, True)):
+        torch.library.opcheck(torch.ops.d2conv.conv3d_backward.default,
+                              (grad_out, *inputs, *conf, *needs))
 
 
 def test_torch_compile_traces_without_graph_breaks():
