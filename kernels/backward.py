@@ -247,7 +247,9 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
     need_mask = need_mask and mask is not None
 
     if need_input or need_coords or need_mask:
-        gx = torch.zeros((N, T, H, W, C), device=dev, dtype=torch.float32) if need_input else None
+        # channels-last memory: (N, T, H, W, C) in the kernel's eyes
+        gx = (torch.empty((N, C, T, H, W), device=dev, dtype=torch.float32,
+                          memory_format=torch.channels_last_3d).zero_() if need_input else None)
         gcoord = torch.empty_like(args["coord_ptr"]) if need_coords else None
         gmask = torch.empty_like(args["mask_ptr"]) if need_mask else None
         unused = torch.empty(1, device=dev, dtype=torch.float32)
@@ -261,7 +263,7 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
 
         configs.launch(d2conv_bwd_data_kernel, d2conv_bwd_data_tuned, "BWD_DATA", grid, data_args)
         if need_input:
-            grad_input = gx.to(dtype).permute(0, 4, 1, 2, 3)
+            grad_input = gx.to(dtype)
         grad_coords, grad_mask = gcoord, gmask
 
     if need_weight or has_bias:

@@ -133,8 +133,10 @@ def d2conv_fwd(geo, input, coords, weight, bias, mask, mode):
     """Forward of deform_conv3d (mode "offset") / d2conv3d; returns (N, Co, To, Ho, Wo) in the
     channels_last_3d memory format."""
     args, x_cl, w_r = kernel_args(geo, input, coords, weight, mask, mode)
-    N = input.shape[0]
-    out = torch.empty((N, *geo.out, geo.Co), device=input.device, dtype=input.dtype)
+    # channels-last memory, (N, To, Ho, Wo, Co) in the kernel's eyes; a tensor, not a view, so
+    # that callers may modify it in place (an inplace ReLU after the op)
+    out = torch.empty((input.shape[0], geo.Co, *geo.out), device=input.device, dtype=input.dtype,
+                      memory_format=torch.channels_last_3d)
     args.update(w_ptr=w_r, b_ptr=bias if bias is not None else w_r, out_ptr=out,
                 HAS_BIAS=bias is not None)
 
@@ -143,4 +145,4 @@ def d2conv_fwd(geo, input, coords, weight, bias, mask, mode):
                 geo.groups * triton.cdiv(args["Cog"], meta["BLOCK_N"]))
 
     configs.launch(d2conv_fwd_kernel, d2conv_fwd_tuned, "FWD", grid, args)
-    return out.permute(0, 4, 1, 2, 3)
+    return out

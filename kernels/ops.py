@@ -37,7 +37,8 @@ def conv3d(input: Tensor, coords: Tensor, weight: Tensor, bias: Optional[Tensor]
 def _(input, coords, weight, bias, mask, stride, padding, dilation, groups, mode):
     geo = check_args(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode)
     # channels-last, like the kernel's output
-    return input.new_empty((input.shape[0], *geo.out, geo.Co)).permute(0, 4, 1, 2, 3)
+    return torch.empty((input.shape[0], geo.Co, *geo.out), device=input.device, dtype=input.dtype,
+                       memory_format=torch.channels_last_3d)
 
 
 @torch.library.custom_op("d2conv::conv3d_backward", mutates_args=())
@@ -64,7 +65,8 @@ def _(grad_out, input, coords, weight, mask, stride, padding, dilation, groups, 
       need_input, need_coords, need_weight, need_bias, need_mask):
     N, C, T, H, W = input.shape
     contiguous = torch.contiguous_format
-    return (input.new_empty((N, T, H, W, C)).permute(0, 4, 1, 2, 3) if need_input
+    return (torch.empty((N, C, T, H, W), device=input.device, dtype=input.dtype,
+                        memory_format=torch.channels_last_3d) if need_input
             else input.new_empty(0),
             torch.empty_like(coords, memory_format=contiguous) if need_coords
             else input.new_empty(0),

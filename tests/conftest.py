@@ -18,3 +18,11 @@ def ieee_fp32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
+def reference_on_cpu(monkeypatch):
+    """Layer and model tests on CPU use the PyTorch reference (fast) rather than the kernels
+    under the interpreter (tested on their own in test_kernels.py)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -125,3 +125,13 @@ def test_prune_fits_blocks_to_the_shape():
     assert {c.kwargs["BLOCK_C"] for c in kept} == {16}
     assert len(kept) == len({(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
                              for c in kept})
+
+
+def test_output_can_be_modified_in_place():
+    """The op returns a tensor, not a view of one, so an inplace ReLU after it is allowed."""
+    case = Case(N=1, C=4, T=2, H=3, W=4, Co=4, mode="xyz")
+    x, size, w, b, m = make_inputs(case)
+    out = apply(case, x, size, w, b, m)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.relu_(out).sum().backward()
+    assert x.grad is not None
