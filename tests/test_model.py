@@ -1,0 +1,75 @@
+"""The encoder-decoder of SPEC §3: shapes at the paper's size (on the meta device), the
+decoder variants of the paper's comparison, and a training step of the tiny model on CPU."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d2conv.layers import D2Conv3d, DeformConv3d
+from d2conv.model import DECODER_CONVS, ASPP3d, EncoderDecoder, pad_to_multiple
+from helpers import DEVICE
+
+pytestmark = pytest.mark.usefixtures("reference_on_cpu")
+
+
+def test_paper_model_shapes_on_meta():
+    with torch.device("meta"):
+        model = EncoderDecoder("ir_csn_152", "d2conv-xyz")
+        clip = torch.rand(1, 3, 8, 480, 864)
+        features = model.encoder(clip)
+        logits = model(clip)
+    assert [tuple(f.shape[1:]) for f in features] == [
+        (256, 8, 120, 216), (512, 4, 60, 108), (1024, 2, 30, 54), (2048, 1, 15, 27)]
+    assert logits.shape == (1, 1, 8, 480, 864)
+    assert model.converted == 10
+    d2 = [m for m in model.modules() if isinstance(m, D2Conv3d)]
+    assert len(d2) == 10 and all(m.mode == "xyz" and m.mask_channels == 27 for m in d2)
+    assert all(m.weight.shape[2:] == (3, 3, 3) for m in d2)
+
+
+@pytest.mark.parametrize("decoder_conv", DECODER_CONVS)
+def test_every_decoder_variant_builds(decoder_conv):
+    with torch.device("meta"):
+        model = EncoderDecoder("ir_csn_50", decoder_conv)
+        logits = model(torch.rand(2, 3, 8, 224, 320))
+    assert logits.shape == (2, 1, 8, 224, 320)
+    sampled = [m for m in model.modules() if isinstance(m, (D2Conv3d, DeformConv3d))]
+    assert len(sampled) == (10 if decoder_conv not in ("dense", "aspp") else 0)
+
+
+def test_aspp_replaces_the_first_conv_of_wide_refine_blocks():
+    with torch.device("meta"):
+        model = EncoderDecoder("ir_csn_152", "aspp")
+    rf3, rf2, rf1 = model.decoder.rf3.FS1, model.decoder.rf2.FS1, model.decoder.rf1.FS1
+    assert isinstance(rf3, ASPP3d) and isinstance(rf2, ASPP3d) and not isinstance(rf1, ASPP3d)
+    assert [b[0].dilation for b in rf3.branches[1:]] == [(1, 3, 3), (1, 6, 6), (1, 9, 9)]
+    assert [b[0].dilation for b in rf2.branches[1:]] == [(1, 6, 6), (1, 12, 12), (1, 18, 18)]
+    assert all(b[0].padding == b[0].dilation for b in rf2.branches[1:])
+
+
+def test_unpadded_clip_is_refused_and_padding_helper():
+    model = EncoderDecoder("ir_csn_tiny", "dense", mdim=8)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.rand(1, 3, 2, 40, 64))
+    padded, size = pad_to_multiple(torch.rand(1, 3, 2, 40, 70))
+    assert padded.shape[-2:] == (64, 96) and size == (40, 70)
+
+
+@pytest.mark.parametrize("decoder_conv", ["d2conv-xyz", "dcnv2", "aspp"])
+def test_tiny_model_trains_one_step(decoder_conv):
+    torch.manual_seed(0)
+    model = EncoderDecoder("ir_csn_tiny", decoder_conv, mdim=16, checkpoint=True).to(DEVICE)
+    model.train()
+    clip = torch.rand(2, 3, 4, 64, 64, device=DEVICE)
+    target = (torch.rand(2, 1, 4, 64, 64, device=DEVICE) > 0.5).float()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = F.binary_cross_entropy_with_logits(model(clip), target)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    predictors = [g for name, g in grads.items() if "predictor.weight" in name]
+    assert len(predictors) == (0 if decoder_conv == "aspp" else 10)
+    assert all(g.abs().sum() > 0 for g in predictors)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
