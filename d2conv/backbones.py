@@ -55,10 +55,10 @@ class Stem(nn.Module):
     x: (B, 3, T, H, W) -> (B, C, T, H/4, W/4).
     """
 
-    def __init__(self, channels: int = 64):
+    def __init__(self, channels: int = 64, norm=FrozenBatchNorm3d):
         super().__init__()
         self.conv = nn.Conv3d(3, channels, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False)
-        self.bn = FrozenBatchNorm3d(channels)
+        self.bn = norm(channels)
         self.pool = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,18 +72,19 @@ class Bottleneck(nn.Module):
     x: (B, in_ch, T, H, W) -> (B, width * expansion, T/s, H/s, W/s).
     """
 
-    def __init__(self, in_ch: int, width: int, stride: int, expansion: int = 4):
+    def __init__(self, in_ch: int, width: int, stride: int, expansion: int = 4,
+                 norm=FrozenBatchNorm3d):
         super().__init__()
         out_ch = width * expansion
         self.conv1 = nn.Conv3d(in_ch, width, 1, bias=False)
-        self.bn1 = FrozenBatchNorm3d(width)
+        self.bn1 = norm(width)
         self.conv2 = nn.Conv3d(width, width, 3, stride=stride, padding=1, groups=width, bias=False)
-        self.bn2 = FrozenBatchNorm3d(width)
+        self.bn2 = norm(width)
         self.conv3 = nn.Conv3d(width, out_ch, 1, bias=False)
-        self.bn3 = FrozenBatchNorm3d(out_ch)
+        self.bn3 = norm(out_ch)
         if stride != 1 or in_ch != out_ch:          # the first block of every stage
             self.shortcut_conv = nn.Conv3d(in_ch, out_ch, 1, stride=stride, bias=False)
-            self.shortcut_bn = FrozenBatchNorm3d(out_ch)
+            self.shortcut_bn = norm(out_ch)
         else:
             self.shortcut_conv = self.shortcut_bn = None
 
@@ -101,7 +102,9 @@ class IrCSN(nn.Module):
 
     ``layers``: blocks per stage; ``widths``: bottleneck widths; stage k outputs
     ``channels[k] = widths[k] * expansion`` channels. With ``checkpoint=True`` every block runs
-    under activation checkpointing while training with grad enabled.
+    under activation checkpointing while training with grad enabled. ``norm`` builds the
+    normalisation layers: frozen BN for the pretrained networks, a trainable BN for a network
+    trained from scratch (the tiny one).
 
     x: (B, 3, T, H, W), H and W multiples of 32 -> (e1, e2, e3, e4) with
     e1 (B, C1, T, H/4, W/4), e2 (B, C2, T/2, H/8, W/8), e3 (B, C3, T/4, H/16, W/16),
@@ -109,18 +112,18 @@ class IrCSN(nn.Module):
     """
 
     def __init__(self, layers, widths=(64, 128, 256, 512), expansion: int = 4,
-                 stem_channels: int = 64, checkpoint: bool = False):
+                 stem_channels: int = 64, checkpoint: bool = False, norm=FrozenBatchNorm3d):
         super().__init__()
         if len(layers) != 4 or len(widths) != 4:
             raise ValueError(f"layers and widths need 4 stages, got layers={layers}, widths={widths}")
         self.layers, self.checkpoint = tuple(layers), checkpoint
         self.channels = tuple(w * expansion for w in widths)
-        self.stem = Stem(stem_channels)
+        self.stem = Stem(stem_channels, norm)
         stages, in_ch = [], stem_channels
         for n_blocks, width, stride in zip(layers, widths, (1, 2, 2, 2)):
             blocks = []
             for j in range(n_blocks):
-                blocks.append(Bottleneck(in_ch, width, stride if j == 0 else 1, expansion))
+                blocks.append(Bottleneck(in_ch, width, stride if j == 0 else 1, expansion, norm))
                 in_ch = width * expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
@@ -147,5 +150,9 @@ def ir_csn_50(checkpoint: bool = False) -> IrCSN:
 
 
 def ir_csn_tiny(checkpoint: bool = False) -> IrCSN:
-    """One block per stage, stem 8, widths (8, 16, 32, 64): channels (32, 64, 128, 256)."""
-    return IrCSN([1, 1, 1, 1], widths=(8, 16, 32, 64), stem_channels=8, checkpoint=checkpoint)
+    """One block per stage, stem 8, widths (8, 16, 32, 64): channels (32, 64, 128, 256).
+
+    It has no pretrained weights, so its BN layers train (frozen BN with default statistics
+    would leave a network trained from scratch without any normalisation)."""
+    return IrCSN([1, 1, 1, 1], widths=(8, 16, 32, 64), stem_channels=8, checkpoint=checkpoint,
+                 norm=lambda c: nn.BatchNorm3d(c, eps=1e-3))
