@@ -57,9 +57,9 @@ def d2conv_bwd_data_kernel(
     go_row = offs_m.to(tl.int64) * Co
     offs_c = tl.arange(0, BLOCK_C)
     offs_o = tl.arange(0, BLOCK_O)
-    one = tl.where(m_ok, 1.0, 0.0)
 
     coord_row = (n64 * COORD_CH + g * (COORD_CH // G)) * L + sp
+    mask_row = (n64 * (G * K) + g * K) * L + sp
     s_z, s_y, s_x = load_sizes(coord_ptr, coord_row, L, m_ok, SZ_CH, SY_CH, SX_CH)
     gs_z = tl.zeros((BLOCK_M,), tl.float32)     # D²Conv: gradient of each axis' scale
     gs_y = tl.zeros((BLOCK_M,), tl.float32)
@@ -68,15 +68,10 @@ def d2conv_bwd_data_kernel(
         for r in range(class_points(TAPS, KD, KH, KW, IS_OFFSET, SZ_CH, SY_CH, SX_CH)):
             i, j, l = class_point(r, TAPS, KD, KH, KW, IS_OFFSET, SZ_CH, SY_CH, SX_CH)
             k = (i * KH + j) * KW + l
-            z0, fz, okz0, okz1, y0, fy, oky0, oky1, x0, fx, okx0, okx1 = kernel_point(
-                coord_ptr, coord_row, L, m_ok, i, j, l, to, ho, wo, s_z, s_y, s_x, T, H, W,
-                KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, IS_OFFSET, TAPS)
-            if HAS_MASK:
-                mk = tl.load(mask_ptr + (n64 * (G * K) + g * K + k) * L + sp, mask=m_ok,
-                             other=0.0).to(tl.float32)
-            else:
-                mk = one
-            row0 = (((n64 * T + z0) * H + y0) * W + x0) * C
+            row0, fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, mk = kernel_point(
+                coord_ptr, coord_row, mask_ptr, mask_row, L, m_ok, n64, i, j, l, to, ho, wo,
+                s_z, s_y, s_x, C, T, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                IS_OFFSET, HAS_MASK, TAPS)
             g_z = tl.zeros((BLOCK_M,), tl.float32)  # d loss / d position (before the mask)
             g_y = tl.zeros((BLOCK_M,), tl.float32)
             g_x = tl.zeros((BLOCK_M,), tl.float32)
@@ -120,7 +115,7 @@ def d2conv_bwd_data_kernel(
                     gs_y += g_y * mk * ((j - KH // 2) * DH).to(tl.float32)
                     gs_x += g_x * mk * ((l - KW // 2) * DW).to(tl.float32)
             if NEED_MASK:
-                tl.store(gmask_ptr + (n64 * (G * K) + g * K + k) * L + sp, g_m, mask=m_ok)
+                tl.store(gmask_ptr + mask_row + k * L, g_m, mask=m_ok)
 
     if NEED_COORD and not IS_OFFSET:
         # size channel ch collects the axes it scales (mode x: y and x share channel 0)
@@ -184,17 +179,12 @@ def d2conv_bwd_weight_kernel(
                 sp = offs_m % L
                 n64 = n.to(tl.int64)
                 coord_row = (n64 * COORD_CH + g * (COORD_CH // G)) * L + sp
+                mask_row = (n64 * (G * K) + g * K) * L + sp
                 s_z, s_y, s_x = load_sizes(coord_ptr, coord_row, L, m_ok, SZ_CH, SY_CH, SX_CH)
-                z0, fz, okz0, okz1, y0, fy, oky0, oky1, x0, fx, okx0, okx1 = kernel_point(
-                    coord_ptr, coord_row, L, m_ok, i, j, l, sp // (Wo * Ho), sp // Wo % Ho,
-                    sp % Wo, s_z, s_y, s_x, T, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
-                    IS_OFFSET, TAPS)
-                if HAS_MASK:
-                    scale = tl.load(mask_ptr + (n64 * (G * K) + g * K + k) * L + sp, mask=m_ok,
-                                    other=0.0).to(tl.float32)
-                else:
-                    scale = tl.where(m_ok, 1.0, 0.0)
-                row0 = (((n64 * T + z0) * H + y0) * W + x0) * C
+                row0, fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, scale = kernel_point(
+                    coord_ptr, coord_row, mask_ptr, mask_row, L, m_ok, n64, i, j, l,
+                    sp // (Wo * Ho), sp // Wo % Ho, sp % Wo, s_z, s_y, s_x, C, T, H, W,
+                    KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, IS_OFFSET, HAS_MASK, TAPS)
                 a = gather_tile(x_ptr, row0, c_first + offs_c, ch_ok, H * W * C, W * C, C,
                                 fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, scale, TAPS)
                 go = tl.load(go_ptr + offs_m.to(tl.int64)[:, None] * Co

@@ -58,20 +58,16 @@ def d2conv_fwd_kernel(
         c_first = gr * Cg + seg * SEG           # first input channel of the segment
         g = c_first // Cpg                      # its offset group
         coord_row = (n64 * COORD_CH + g * (COORD_CH // G)) * L + sp
+        mask_row = (n64 * (G * K) + g * K) * L + sp
         s_z, s_y, s_x = load_sizes(coord_ptr, coord_row, L, m_ok, SZ_CH, SY_CH, SX_CH)
         for TAPS in tl.static_range(8):
             for r in range(class_points(TAPS, KD, KH, KW, IS_OFFSET, SZ_CH, SY_CH, SX_CH)):
                 i, j, l = class_point(r, TAPS, KD, KH, KW, IS_OFFSET, SZ_CH, SY_CH, SX_CH)
                 k = (i * KH + j) * KW + l
-                z0, fz, okz0, okz1, y0, fy, oky0, oky1, x0, fx, okx0, okx1 = kernel_point(
-                    coord_ptr, coord_row, L, m_ok, i, j, l, to, ho, wo, s_z, s_y, s_x, T, H, W,
-                    KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, IS_OFFSET, TAPS)
-                if HAS_MASK:
-                    scale = tl.load(mask_ptr + (n64 * (G * K) + g * K + k) * L + sp, mask=m_ok,
-                                    other=0.0).to(tl.float32)
-                else:
-                    scale = tl.where(m_ok, 1.0, 0.0)
-                row0 = (((n64 * T + z0) * H + y0) * W + x0) * C
+                row0, fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, scale = kernel_point(
+                    coord_ptr, coord_row, mask_ptr, mask_row, L, m_ok, n64, i, j, l, to, ho, wo,
+                    s_z, s_y, s_x, C, T, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                    IS_OFFSET, HAS_MASK, TAPS)
                 w_row = (gr * K + k) * Cg + seg * SEG
                 for c0 in range(0, SEG, BLOCK_C):
                     ch_ok = c0 + offs_c < SEG

@@ -178,28 +178,31 @@ def scatter_tile(gx_ptr, row0, ch, ch_ok, HWC, WC, C, grad,
 
 
 @triton.jit
-def kernel_point(coord_ptr, coord_row, L, sp_ok, i, j, l, to, ho, wo, s_z, s_y, s_x,
-                 T, H, W, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+def kernel_point(coord_ptr, coord_row, mask_ptr, mask_row, L, sp_ok, n64, i, j, l, to, ho, wo,
+                 s_z, s_y, s_x, C, T, H, W, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                  SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                  PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                  DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                 IS_OFFSET: tl.constexpr, TAPS: tl.constexpr):
-    """Corners of kernel point (i, j, l) (k = (i*KH + j)*KW + l) for a block of output voxels.
+                 IS_OFFSET: tl.constexpr, HAS_MASK: tl.constexpr, TAPS: tl.constexpr):
+    """Where kernel point (i, j, l) (k = (i*KH + j)*KW + l) samples, for a block of voxels.
 
     coord_row: [BLOCK_M] int64, element offset of (n, channel 0 of this offset group, voxel) in
     the offset tensor, read when IS_OFFSET (channel k*3 + a is (k*3 + a)*L elements further).
+    mask_row: [BLOCK_M] int64, the same for the mask (channel k is k*L further), read if HAS_MASK.
     s_z, s_y, s_x: [BLOCK_M] fp32 D²Conv scales (see load_sizes; unused when IS_OFFSET).
     sp_ok: [BLOCK_M] row mask; corners of masked rows are all invalid.
-    Returns (z0, fz, okz0, okz1, y0, ..., x0, ..., okx1), see axis_taps.
+    Returns (row0, fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, scale): the element offset
+    of corner (z0, y0, x0) in the channels-last input, the fractions and corner validities of
+    axis_taps, and the mask value (1 without mask, 0 on masked rows).
     """
     bz = to * SD - PD + i * DD
     by = ho * SH - PH + j * DH
     bx = wo * SW - PW + l * DW
+    k = (i * KH + j) * KW + l
     if IS_OFFSET:
-        k3 = ((i * KH + j) * KW + l) * 3
-        d_z = tl.load(coord_ptr + coord_row + k3 * L, mask=sp_ok, other=0.0).to(tl.float32)
-        d_y = tl.load(coord_ptr + coord_row + (k3 + 1) * L, mask=sp_ok, other=0.0).to(tl.float32)
-        d_x = tl.load(coord_ptr + coord_row + (k3 + 2) * L, mask=sp_ok, other=0.0).to(tl.float32)
+        d_z = tl.load(coord_ptr + coord_row + (k * 3) * L, mask=sp_ok, other=0.0).to(tl.float32)
+        d_y = tl.load(coord_ptr + coord_row + (k * 3 + 1) * L, mask=sp_ok, other=0.0).to(tl.float32)
+        d_x = tl.load(coord_ptr + coord_row + (k * 3 + 2) * L, mask=sp_ok, other=0.0).to(tl.float32)
     else:
         # the float ops of offsets_from_size: (s - 1) * ((index - centre) * dilation)
         d_z = (s_z - 1.0) * ((i - KD // 2) * DD).to(tl.float32)
@@ -211,7 +214,12 @@ def kernel_point(coord_ptr, coord_row, L, sp_ok, i, j, l, to, ho, wo, s_z, s_y, 
     okz1 = okz1 & sp_ok
     y0, fy, oky0, oky1 = axis_taps(by, d_y, H, (TAPS >> 1) % 2 == 1)
     x0, fx, okx0, okx1 = axis_taps(bx, d_x, W, TAPS % 2 == 1)
-    return z0, fz, okz0, okz1, y0, fy, oky0, oky1, x0, fx, okx0, okx1
+    if HAS_MASK:
+        scale = tl.load(mask_ptr + mask_row + k * L, mask=sp_ok, other=0.0).to(tl.float32)
+    else:
+        scale = tl.where(sp_ok, 1.0, 0.0)
+    row0 = (((n64 * T + z0) * H + y0) * W + x0) * C
+    return row0, fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, scale
 
 
 @triton.jit
