@@ -310,12 +310,16 @@ class Trainer:
                     self.batch_in_epoch += 1
                     clips += batch["clip"].shape[0] * self.world
                     if self.step % cfg.log_every == 0 or self._done():
-                        rate = clips / (time.time() - tick)
+                        rate = clips / (time.time() - tick)       # since the last log line
+                        tick, clips = time.time(), 0
                         lr = self.optimizer.param_groups[0]["lr"]
                         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
                                         clips_s=f"{rate:.1f}")
+                        memory = {}
+                        if self.device.type == "cuda":
+                            memory["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
                         self.log(step=self.step, epoch=self.epoch, loss=loss.item(), lr=lr,
-                                 clips_per_s=rate)
+                                 clips_per_s=rate, **memory)
                     if self._done():
                         break
                 if self.batch_in_epoch >= self.sampler.batches():   # the epoch is complete
