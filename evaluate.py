@@ -1,6 +1,140 @@
-"""Evaluation entry point (SPEC §5). Not built yet: the evaluation issue fills this in."""
+"""Segment videos with a trained model and score them with the DAVIS-2016 protocol (SPEC §5).
+
+    python evaluate.py                                   # newest run's best.pt, synthetic val
+    python evaluate.py --checkpoint runs/X/best.pt --data /data/DAVIS --out results/X
+    python evaluate.py --davis-path /data/DAVIS --results-path results/X --set val --year 2016
+
+Model mode writes <out>/<sequence>/<frame>.png (indexed, 0/1) for every frame, then scores them;
+evaluation-only mode scores an existing results folder. Both write global_results-<set>.csv and
+per-sequence_results-<set>.csv into the results folder (refusing to overwrite them without
+--force) and print the tables.
+"""
+import argparse
 import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from d2conv.data import davis_sequences, load_mask
+from d2conv.data.synthetic import ensure as ensure_synthetic
+from d2conv.evaluation import evaluate_results, format_tables, run_model
+from d2conv.metrics import mae, max_f_measure, write_csvs
+from d2conv.model import EncoderDecoder
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = p.add_argument_group("model mode")
+    model.add_argument("--checkpoint", help="a trainer checkpoint (best.pt / last.pt); default: "
+                                            "the newest runs/*/best.pt")
+    model.add_argument("--data", default=None, help="'synthetic' (default) or a DAVIS root")
+    model.add_argument("--out", help="results folder (default: <run>/results_<gap>)")
+    model.add_argument("--temporal-gap", type=int, default=5,
+                       help="a clip of 8 frames starts every this many frames (default 5)")
+    model.add_argument("--dense", action="store_true", help="a clip at every frame (gap 1)")
+    model.add_argument("--clips-per-batch", type=int, default=4, help="clips per forward pass")
+    model.add_argument("--save-logits", action="store_true", help="also <out>/logits/<seq>.npy")
+    model.add_argument("--save-probabilities", action="store_true",
+                       help="also <out>/probabilities/<seq>/<frame>.png (for --saliency)")
+    model.add_argument("--save-dilation", action="store_true",
+                       help="also colour-mapped D²Conv size maps per layer and frame")
+    scoring = p.add_argument_group("evaluation")
+    scoring.add_argument("--davis-path", help="DAVIS root (evaluation-only mode)")
+    scoring.add_argument("--results-path", help="results folder to score (evaluation-only mode)")
+    scoring.add_argument("--set", default="val", help="image set (default val)")
+    scoring.add_argument("--year", type=int, default=2016, choices=[2016],
+                         help="DAVIS year: 2016, masks binarised with > 0")
+    scoring.add_argument("--task", default="unsupervised",
+                         choices=["unsupervised", "semi-supervised"],
+                         help="unsupervised scores every frame; semi-supervised drops the first "
+                              "and last")
+    scoring.add_argument("--saliency", action="store_true",
+                         help="also MAE and max F-measure (beta^2 = 0.3) from the saved "
+                              "probabilities (FBMS / ViSal style)")
+    scoring.add_argument("--force", action="store_true", help="overwrite existing result CSVs")
+    return p.parse_args(argv)
+
+
+def newest_checkpoint(runs=Path("runs")):
+    found = sorted(runs.glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        sys.exit(f"no checkpoint found under {runs}/*/best.pt: train first (python train.py) "
+                 f"or pass --checkpoint")
+    return found[-1]
+
+
+def load_model(path, device):
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "model" not in state or "config" not in state:
+        sys.exit(f"{path} is not a trainer checkpoint (no 'model' / 'config')")
+    cfg = state["config"]
+    model = EncoderDecoder(cfg["backbone"], cfg["decoder_conv"], mdim=cfg["mdim"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg
+
+
+def saliency_scores(davis_root, results, split, year):
+    """MAE and max F-measure of the saved probabilities over every annotated frame."""
+    probs, gts = [], []
+    for seq in davis_sequences(davis_root, split, year):
+        for mask in (m for m in seq.masks if m is not None):
+            path = Path(results) / "probabilities" / seq.name / f"{Path(mask).stem}.png"
+            if not path.exists():
+                sys.exit(f"--saliency: missing {path} (run model mode with --save-probabilities)")
+            with Image.open(path) as image:
+                probs.append(np.asarray(image, dtype=np.float32) / 255)
+            gts.append(load_mask(mask))
+    return {"MAE": mae(probs, gts), "max-F": max_f_measure(probs, gts)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.results_path or args.davis_path:                     # evaluation-only mode
+        if not (args.results_path and args.davis_path):
+            sys.exit("evaluation-only mode needs both --davis-path and --results-path")
+        davis_root, results, checkpoint = Path(args.davis_path), Path(args.results_path), None
+    else:                                                        # model mode
+        checkpoint = Path(args.checkpoint) if args.checkpoint else newest_checkpoint()
+        if not checkpoint.exists():
+            sys.exit(f"--checkpoint: no such file {checkpoint}")
+        gap = 1 if args.dense else args.temporal_gap
+        results = Path(args.out) if args.out else checkpoint.parent / f"results_{gap}"
+    csvs = [results / f"global_results-{args.set}.csv",
+            results / f"per-sequence_results-{args.set}.csv"]
+    if any(p.exists() for p in csvs) and not args.force:
+        sys.exit(f"{csvs[0]} or its per-sequence twin exists: pass --force to recompute")
+
+    if checkpoint is not None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, cfg = load_model(checkpoint, device)
+        data = args.data or cfg.get("data", "synthetic")
+        davis_root = ensure_synthetic() if data == "synthetic" else Path(data)
+        sequences = davis_sequences(davis_root, args.set, args.year)
+        amp = torch.bfloat16 if device.type == "cuda" else None
+        print(f"{checkpoint}: {cfg['decoder_conv']} on {len(sequences)} {args.set} videos "
+              f"(gap {gap}) -> {results}")
+        timing = run_model(model, sequences, results, gap=gap,
+                           clips_per_batch=args.clips_per_batch, amp_dtype=amp,
+                           save_logits=args.save_logits,
+                           save_probabilities=args.save_probabilities or args.saliency,
+                           save_dilation=args.save_dilation)
+        peak = f", peak GPU memory {timing['peak_mib']:.0f} MiB" if timing["peak_mib"] else ""
+        print(f"{timing['frames']} frames: {timing['frames'] / timing['model_s']:.1f} fps "
+              f"(model), {timing['frames'] / timing['total_s']:.1f} fps (end to end){peak}")
+
+    global_row, rows = evaluate_results(davis_root, results, args.set, args.year, args.task)
+    write_csvs(results, args.set, global_row, rows)
+    print(f"--------------- Global results for {args.set} ({args.task}) ---------------")
+    print(format_tables(global_row, rows))
+    if args.saliency:
+        scores = saliency_scores(davis_root, results, args.set, args.year)
+        print(f"saliency: MAE {scores['MAE']:.4f}, max F-measure {scores['max-F']:.4f}")
+    print(f"\nresults: {csvs[0]}")
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit("evaluate.py is a placeholder: evaluation is not implemented yet "
-             "(see the evaluation issue).")
+    sys.exit(main())
