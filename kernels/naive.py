@@ -61,6 +61,35 @@ def d2conv3d(input, size, weight, bias=None, stride=1, padding=0, dilation=1, ma
     return _deform_conv3d(geo, input, offset, weight, bias, mask)
 
 
+class _Blend(torch.autograd.Function):
+    """cols (M, c) = sum_j weight[j] (M,) * vol[rows[j]] (M, c): the trilinear blend of the corner
+    rows of a channels-last volume. The backward gathers the corners again instead of keeping 8
+    copies of cols, and reuses one buffer (large CPU allocations cost more than the arithmetic)."""
+
+    @staticmethod
+    def forward(ctx, vol, rows, weight):
+        ctx.save_for_backward(vol, rows, weight)
+        cols, value = vol.new_zeros(rows.shape[1], vol.shape[1]), None
+        for j in range(rows.shape[0]):
+            value = torch.index_select(vol, 0, rows[j], out=value)
+            cols.addcmul_(value, weight[j].unsqueeze(1))
+        return cols
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        vol, rows, weight = ctx.saved_tensors
+        grad_vol = torch.zeros_like(vol) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[2] else None
+        buf = torch.empty_like(grad)
+        for j in range(rows.shape[0]):
+            if grad_weight is not None:       # d cols / d weight[j] = the corner's values
+                grad_weight[j] = torch.index_select(vol, 0, rows[j], out=buf).mul_(grad).sum(1)
+            if grad_vol is not None:
+                grad_vol.index_add_(0, rows[j], torch.mul(grad, weight[j].unsqueeze(1), out=buf))
+        return grad_vol, None, grad_weight
+
+
 def _deform_conv3d(geo, input, offset, weight, bias, mask):
     N, C, T, H, W = input.shape
     G, K, groups = geo.offset_groups, geo.K, geo.groups
@@ -73,41 +102,40 @@ def _deform_conv3d(geo, input, offset, weight, bias, mask):
     bias = None if bias is None else bias.to(dtype)
     mask = None if mask is None else mask.to(dtype)
 
-    # sampling positions (N, G, K, 3, To, Ho, Wo)
+    # sampling positions, one (N, G, K, L) tensor per axis
     base = [torch.arange(o, device=device, dtype=dtype) * s - p
             for o, s, p in zip(geo.out, geo.stride, geo.padding)]
-    kpt = _kernel_grid(geo.kernel, geo.dilation, device, dtype)                 # (K, 3)
-    pos_z = base[0].view(1, To, 1, 1) + kpt[:, 0].view(K, 1, 1, 1)
-    pos_y = base[1].view(1, 1, Ho, 1) + kpt[:, 1].view(K, 1, 1, 1)
-    pos_x = base[2].view(1, 1, 1, Wo) + kpt[:, 2].view(K, 1, 1, 1)
-    off = offset.reshape(N, G, K, 3, To, Ho, Wo)
-    z, y, x = pos_z + off[:, :, :, 0], pos_y + off[:, :, :, 1], pos_x + off[:, :, :, 2]
+    base = torch.stack(torch.meshgrid(*base, indexing="ij"), dim=0).reshape(3, 1, 1, 1, L)
+    kpt = _kernel_grid(geo.kernel, geo.dilation, device, dtype).T.reshape(3, 1, 1, K, 1)
+    off = offset.reshape(N, G, K, 3, L)
 
-    z0, y0, x0 = (torch.floor(v).detach() for v in (z, y, x))
-    frac = (z - z0, y - y0, x - x0)
-    # clamp far-away corners so the integer conversion cannot overflow (they are invalid anyway)
-    z0, y0, x0 = (v.clamp(-2, n).long() for v, n in ((z0, T), (y0, H), (x0, W)))
-    vol = input.reshape(N, G, C // G, T * H * W)
-    cols = 0
-    for cz in (0, 1):
-        for cy in (0, 1):
-            for cx in (0, 1):
-                iz, iy, ix = z0 + cz, y0 + cy, x0 + cx
-                valid = (iz >= 0) & (iz < T) & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-                weight_c = 1
-                for f, c in zip(frac, (cz, cy, cx)):
-                    weight_c = weight_c * (f if c else 1 - f)
-                weight_c = weight_c * valid
-                index = torch.where(valid, (iz * H + iy) * W + ix, 0).long()
-                index = index.reshape(N, G, 1, K * L).expand(-1, -1, C // G, -1)
-                value = torch.gather(vol, 3, index).view(N, G, C // G, K, L)
-                cols = cols + value * weight_c.reshape(N, G, 1, K, L)
+    # per axis: the two corners (floor held fixed) and their linear weights, zero for a corner
+    # outside the volume (its index is then clamped to any valid one)
+    corners = []
+    for a, n in enumerate((T, H, W)):
+        p = base[a] + kpt[a] + off[:, :, :, a]
+        p0 = torch.floor(p).detach().clamp(-2, n)     # far-away corners: invalid, no overflow
+        f = p - p0
+        i = torch.stack([p0, p0 + 1])                                         # (2, N, G, K, L)
+        corners.append((i.clamp(0, n - 1).long(), torch.stack([1 - f, f]) * ((i >= 0) & (i < n))))
+    (iz, wz), (iy, wy), (ix, wx) = corners
+    # the 8 corners, j = 4*cz + 2*cy + cx, as (8, N, L, K, G); the mask folds into the (small)
+    # corner weights
+    index = ((iz[:, None, None] * H + iy[None, :, None]) * W + ix[None, None, :]).view(8, N, G, K, L)
+    weights = (wz[:, None, None] * wy[None, :, None] * wx[None, None, :]).view(8, N, G, K, L)
     if mask is not None:
-        cols = cols * mask.reshape(N, G, 1, K, L)
-    cols = cols.reshape(N, groups, C // groups, K, L)
-    w = weight.reshape(groups, -1, C // groups, K)
-    out = torch.einsum("ngckl,gock->ngol", cols, w).reshape(N, -1, To, Ho, Wo)
+        weights = weights * mask.reshape(N, G, K, L)
+    index, weights = index.permute(0, 1, 4, 3, 2), weights.permute(0, 1, 4, 3, 2)
+    # rows of a channels-last volume (N*G*T*H*W, C/G)
+    vol = input.reshape(N, G, C // G, T * H * W).transpose(2, 3).reshape(-1, C // G)
+    rows = index + (torch.arange(N * G, device=device) * (T * H * W)).view(N, 1, 1, G)
+    cols = _Blend.apply(vol, rows.reshape(8, -1), weights.reshape(8, -1))  # (N*L*K*G, C/G)
+
+    # out (N, Co, L) = W (groups, Co/groups, C/groups * K) . cols, as one GEMM per group
+    Cgr = C // groups
+    cols = cols.view(N * L, K, groups, Cgr).permute(2, 0, 1, 3).reshape(groups, N * L, K * Cgr)
+    w = weight.reshape(groups, -1, Cgr, K).permute(0, 3, 2, 1).reshape(groups, K * Cgr, -1)
+    out = torch.bmm(cols, w).view(groups, N, L, -1).permute(1, 0, 3, 2).reshape(N, -1, To, Ho, Wo)
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1, 1)
     return out.to(out_dtype)
-
