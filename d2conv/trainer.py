@@ -122,6 +122,10 @@ def setup_distributed():
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) "
+                               f"visible: start at most that many processes per node (or hide "
+                               f"the GPUs with CUDA_VISIBLE_DEVICES= to run on CPU with gloo)")
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -252,7 +256,7 @@ class Trainer:
         path = Path(path or self.run_dir / "last.pt")
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint to resume from: {path}")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)   # RNG states stay CPU tensors
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

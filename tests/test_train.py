@@ -90,7 +90,7 @@ def test_epoch_sampler_splits_and_resumes():
 
 
 def test_two_process_gloo_ddp(videos, tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1",
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", "29561", str(REPO / "train.py"),

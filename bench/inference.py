@@ -1,0 +1,81 @@
+"""Inference throughput of the paper model (SPEC §5) on 480×854 videos, gap 5 and dense (gap 1).
+
+    PYTHONPATH=. python bench/inference.py [--frames 60] [--videos 2] [--out DIR]
+
+Weights are random (throughput does not depend on them); the videos are procedural (the
+synthetic generator at 480×854, padded to 480×864 by the model's caller as DAVIS frames are).
+Times the model alone (frames in, logits out, synchronised) and end to end (reading the JPEGs,
+writing the PNG masks), after one warm-up video, and writes
+``bench/results/<gpu>-inference.json``.
+"""
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+from d2conv.data import davis_sequences
+from d2conv.data.synthetic import generate
+from d2conv.evaluation import run_model
+from d2conv.model import EncoderDecoder
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=60, help="frames per video")
+    parser.add_argument("--videos", type=int, default=2, help="videos timed")
+    parser.add_argument("--clips-per-batch", type=int, default=4)
+    parser.add_argument("--out", default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--decoders", default="d2conv-xyz,dense")
+    parser.add_argument("--backbone", default="ir_csn_152")
+    parser.add_argument("--size", default="480x854", help="frame HxW")
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available()
+    gpu = torch.cuda.get_device_name().replace(" ", "_") if cuda else "cpu"
+    height, width = map(int, args.size.split("x"))
+    root = Path(args.out or tempfile.mkdtemp())
+    tick = time.time()
+    generate(root / "data", n_train=1, n_val=args.videos + 1, frames=args.frames,
+             height=height, width=width, seed=0)
+    print(f"generated {args.videos + 1} videos of {args.frames} frames in {time.time() - tick:.0f} s",
+          flush=True)
+    sequences = davis_sequences(root / "data", "val", 2016)
+    warm, timed = sequences[:1], sequences[1:]
+
+    records = []
+    for decoder in args.decoders.split(","):
+        model = EncoderDecoder(args.backbone, decoder, mdim=256).to("cuda" if cuda else "cpu").eval()
+        for gap in (5, 1):
+            out = root / f"{decoder}-{gap}"
+            run_model(model, warm, out, gap=gap, clips_per_batch=args.clips_per_batch,
+                      amp_dtype=torch.bfloat16 if cuda else None)
+            t = run_model(model, timed, out, gap=gap, clips_per_batch=args.clips_per_batch,
+                          amp_dtype=torch.bfloat16 if cuda else None)
+            records.append(dict(gpu=gpu, decoder=decoder, gap=gap, frames=t["frames"],
+                                height=height, width=width, clips_per_batch=args.clips_per_batch,
+                                model_fps=t["frames"] / t["model_s"],
+                                end_to_end_fps=t["frames"] / t["total_s"],
+                                peak_mib=t["peak_mib"] or 0, torch=torch.__version__,
+                                triton=triton.__version__))
+            print(records[-1], flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+    print(f"\n{gpu}, {args.backbone}, 8-frame clips of {args.size}, bf16 on the GPU")
+    print(f"{'decoder':12} {'gap':>3} {'model fps':>10} {'end-to-end fps':>15} {'peak MiB':>9}")
+    for r in records:
+        print(f"{r['decoder']:12} {r['gap']:>3} {r['model_fps']:>10.1f} "
+              f"{r['end_to_end_fps']:>15.1f} {r['peak_mib']:>9.0f}")
+    if not cuda:
+        return
+    path = Path(__file__).parent / "results" / f"{gpu}-inference.json"
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
