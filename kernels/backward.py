@@ -215,9 +215,11 @@ d2conv_bwd_weight_tuned = triton.autotune(
 
 
 def _programs_per_device(device):
-    """Programs to aim for in the weight kernel: a few waves of the device."""
+    """Programs to aim for in the weight kernel: two per SM. More programs mean shorter voxel
+    ranges and more fp32 atomics of partial sums (at rf2 on an H100: 1 per SM 2.31 ms, 2 1.89 ms,
+    4 2.05 ms)."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 2    # the interpreter: enough to exercise the split
 
 

@@ -25,19 +25,20 @@ def _cfg(num_warps, num_stages, **meta):
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-# candidates, kept short: every config is a 4-20 s compile. Picked from the register report
-# (triton.compile for sm_90a on the CPU): the configs that spilled were dropped (bench/NOTES.md).
-FWD = [_cfg(8, 1, BLOCK_M=128, BLOCK_N=128, BLOCK_C=32),
-       _cfg(4, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32),
+# candidates, kept short: every config is a 4-20 s compile. Ordered by their time at rf2 on an
+# H100 (bench/ablate.py, bench/NOTES.md); the first is the one D2CONV_AUTOTUNE=0 launches.
+FWD = [_cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64),
        _cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=32),
-       _cfg(8, 2, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64)]
-BWD_DATA = [_cfg(4, 1, BLOCK_M=32, BLOCK_O=64, BLOCK_C=32),
-            _cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32),
-            _cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32)]
-BWD_WEIGHT = [_cfg(8, 2, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64),
-              _cfg(8, 1, BLOCK_M=128, BLOCK_O=128, BLOCK_C=32),
+       _cfg(16, 1, BLOCK_M=128, BLOCK_N=256, BLOCK_C=32),
+       _cfg(4, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32)]
+BWD_DATA = [_cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64),
+            _cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
+            _cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32),
+            _cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32)]
+BWD_WEIGHT = [_cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=64),
+              _cfg(8, 1, BLOCK_M=128, BLOCK_O=256, BLOCK_C=32),
               _cfg(8, 2, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
-              _cfg(4, 2, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32)]
+              _cfg(8, 2, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64)]
 CANDIDATES = {"FWD": FWD, "BWD_DATA": BWD_DATA, "BWD_WEIGHT": BWD_WEIGHT}
 # under the interpreter: small blocks, so that tests with a few dozen channels run every loop
 # (several channel and output-channel blocks, several voxel blocks, masked tails)

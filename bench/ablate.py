@@ -1,0 +1,196 @@
+"""Where the time goes: each kernel alone at rf2 (bf16, xyz, mask), per config, and with parts of
+its work removed. One device call; prints a table (bench/NOTES.md quotes it).
+
+    PYTHONPATH=. python bench/ablate.py [--shape rf2] [--only FWD,BWD_DATA,BWD_WEIGHT]
+
+Ablations are built by copying ``kernels/`` to a temporary package with one piece of source
+replaced (the results are wrong on purpose; only the time means something):
+  one-corner   the gather reads corner (0,0,0) only, unblended (the cost of the 8-corner blend)
+  no-gather    the A tile is the mask broadcast over channels, no input loads (index math + dot)
+  no-dot       forward / weight kernel: the tl.dot replaced by a row sum (gather alone)
+  store        the input gradient's atomics replaced by plain stores (racy; write traffic only)
+"""
+import argparse
+import importlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = {"rf2": (2, 256, 256, 4, 60, 108), "rf2_in512": (2, 512, 256, 4, 60, 108),
+          "rf3": (2, 256, 256, 2, 30, 54)}
+
+_GATHER_ONE = '''    value = tl.load(x_ptr + row0[:, None] + ch[None, :],
+                    mask=(okz0 & oky0 & okx0)[:, None] & ch_ok[None, :], other=0.0)
+    return value.to(tl.float32) * scale[:, None]
+'''
+_GATHER_NONE = '''    return tl.zeros((row0.shape[0], ch.shape[0]), tl.float32) + scale[:, None]
+'''
+
+
+def _replace_body(source, name, body):
+    """Replace the body of ``def name`` (after its docstring) with ``body``."""
+    start = source.index(f"def {name}(")
+    doc_end = source.index('"""', source.index('"""', start) + 3) + 3
+    end = source.index("\n\n\n", doc_end)
+    return source[:doc_end] + "\n" + body.rstrip("\n") + source[end:]
+
+
+ABLATIONS = {
+    "one-corner": {"sampling.py": lambda s: _replace_body(s, "gather_tile", _GATHER_ONE)},
+    "no-gather": {"sampling.py": lambda s: _replace_body(s, "gather_tile", _GATHER_NONE)},
+    "no-dot": {
+        "forward.py": lambda s: s.replace(
+            "acc = tl.dot(a.to(w_tile.dtype), w_tile, acc, input_precision=DOT_PRECISION)",
+            "acc += tl.sum(a, axis=1)[:, None] + tl.sum(w_tile.to(tl.float32), axis=0)[None, :]"),
+        "backward.py": lambda s: s.replace(
+            "acc = tl.dot(tl.trans(a.to(go.dtype)), go, acc, input_precision=DOT_PRECISION)",
+            "acc += tl.sum(a, axis=0)[:, None] + tl.sum(go.to(tl.float32), axis=0)[None, :]"),
+    },
+    "store": {"sampling.py": lambda s: s.replace(
+        "tl.atomic_add(ptr, w[:, None] * grad, mask=ok[:, None] & ch_ok[None, :],\n"
+        "                              sem=\"relaxed\")",
+        "tl.store(ptr, w[:, None] * grad, mask=ok[:, None] & ch_ok[None, :])")},
+}
+
+
+def variant(name, tmp):
+    """Import a copy of kernels/ with the ablation's edits as a package named kernels_<name>."""
+    if name == "full":
+        return importlib.import_module("kernels")
+    pkg = f"kernels_{name.replace('-', '_')}"
+    dst = Path(tmp) / pkg
+    shutil.copytree(REPO / "kernels", dst, ignore=shutil.ignore_patterns("__pycache__"))
+    (dst / "__init__.py").write_text("")    # no second registration of the torch.library ops
+    for file, edit in ABLATIONS[name].items():
+        text = (dst / file).read_text()
+        edited = edit(text)
+        assert edited != text, f"ablation {name}: nothing replaced in {file}"
+        (dst / file).write_text(edited)
+    if tmp not in sys.path:
+        sys.path.insert(0, tmp)
+    return importlib.import_module(pkg)
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="rf2", choices=sorted(SHAPES))
+    parser.add_argument("--only", default="FWD,BWD_DATA,BWD_WEIGHT")
+    parser.add_argument("--ablations", default="one-corner,no-gather,no-dot,store")
+    parser.add_argument("--configs", default="",
+                        help="extra configs to time, 'KERNEL:NAME=INT,...;...'")
+    parser.add_argument("--extra-only", action="store_true",
+                        help="time only the --configs, not the candidates of kernels/configs.py")
+    parser.add_argument("--weight-waves", default="",
+                        help="also time the weight kernel aiming at these many programs per SM")
+    args = parser.parse_args()
+    os.environ["D2CONV_AUTOTUNE"] = "0"
+    torch.manual_seed(0)
+    N, C, Co, T, H, W = SHAPES[args.shape]
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(N, C, T, H, W, device=dev, dtype=dt).to(memory_format=torch.channels_last_3d)
+    w = (torch.randn(Co, C, 3, 3, 3, device=dev) * 0.02).to(dt)
+    s = (torch.rand(N, 3, T, H, W, device=dev) * 2.5 + 0.5).to(dt)
+    m = torch.rand(N, 27, T, H, W, device=dev, dtype=dt)
+    go = torch.randn(N, Co, T, H, W, device=dev, dtype=dt).to(memory_format=torch.channels_last_3d)
+    wd = w.to(memory_format=torch.channels_last_3d)
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, args.shape,
+          flush=True)
+    dense_f = bench(lambda: F.conv3d(x, wd, None, padding=1))
+    xg, wg = x.detach().requires_grad_(), wd.detach().requires_grad_()
+    dense_fb = bench(lambda: torch.autograd.grad(F.conv3d(xg, wg, None, padding=1), [xg, wg], go))
+    rows = [("dense cuDNN", "fwd", "", dense_f), ("dense cuDNN", "fwd+bwd", "", dense_fb)]
+
+    def runs(kern):
+        from importlib import import_module
+        checks = import_module(kern.__name__ + ".checks")
+        fwd = import_module(kern.__name__ + ".forward")
+        bwd = import_module(kern.__name__ + ".backward")
+        geo = checks.check_args(x, s, w, None, 1, 1, 1, m, 1, "xyz")
+        return {
+            "FWD": lambda: fwd.d2conv_fwd(geo, x, s, w, None, m, "xyz"),
+            # input + size + mask gradients (atomics, gathers, GEMM)
+            "BWD_DATA": lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", False,
+                                               True, True, True, False),
+            "BWD_DATA(no input grad)": lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", False,
+                                                              False, True, True, False),
+            "BWD_DATA(input grad only)": lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", False,
+                                                                True, False, False, False),
+            "BWD_WEIGHT": lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", False,
+                                                 False, False, False, True),
+        }
+
+    from kernels import configs
+    kernels_of = {"FWD": ["FWD"], "BWD_DATA": ["BWD_DATA", "BWD_DATA(no input grad)",
+                                               "BWD_DATA(input grad only)"],
+                  "BWD_WEIGHT": ["BWD_WEIGHT"]}
+    only = args.only.split(",")
+    extra = {}
+    for item in filter(None, args.configs.split(";")):
+        kernel, _, text = item.partition(":")
+        extra.setdefault(kernel, []).append(text)
+
+    def config_text(cfg):
+        return ",".join([f"{k}={v}" for k, v in cfg.kwargs.items()]
+                        + [f"num_warps={cfg.num_warps}", f"num_stages={cfg.num_stages}"])
+
+    # 1. every candidate config of each kernel, on the full kernels
+    full = runs(variant("full", None))
+    best = {}
+    for kernel in only:
+        texts = ([] if args.extra_only else [config_text(c) for c in configs.CANDIDATES[kernel]])
+        texts += extra.get(kernel, [])
+        for text in texts:
+            os.environ[f"D2CONV_CONFIG_{kernel}"] = text
+            try:
+                ms = bench(full[kernel])
+            except Exception as error:     # out of resources, say
+                print(f"{kernel} {text}: {type(error).__name__}: {str(error)[:120]}", flush=True)
+                continue
+            rows.append((kernel, "config", text, ms))
+            print(rows[-1], flush=True)
+            if kernel not in best or ms < best[kernel][1]:
+                best[kernel] = (text, ms)
+        os.environ[f"D2CONV_CONFIG_{kernel}"] = best[kernel][0]
+
+    # 1b. the weight kernel's split over voxels: programs aimed at per SM
+    import kernels.backward as backward
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    default_programs = backward._programs_per_device
+    for waves in filter(None, args.weight_waves.split(",")):
+        backward._programs_per_device = lambda device, waves=float(waves): int(waves * sms)
+        rows.append(("BWD_WEIGHT", f"waves={waves}", best["BWD_WEIGHT"][0],
+                     bench(full["BWD_WEIGHT"])))
+        print(rows[-1], flush=True)
+    backward._programs_per_device = default_programs
+
+    # 2. with the best config of each kernel: the parts, and the ablations
+    tmp = tempfile.mkdtemp()
+    for name in ["full"] + args.ablations.split(","):
+        fns = runs(variant(name, tmp))
+        for kernel in only:
+            for label in kernels_of[kernel]:
+                if name == "store" and label not in ("BWD_DATA", "BWD_DATA(input grad only)"):
+                    continue
+                if name != "full" and name != "store" and kernel == "BWD_DATA":
+                    continue            # the data kernel uses neither gather_tile nor a dot on A
+                rows.append((label, name, best[kernel][0], bench(fns[label])))
+                print(rows[-1], flush=True)
+
+    print(f"\n{args.shape}, bf16, xyz + mask, median ms ({torch.cuda.get_device_name()})")
+    for label, what, text, ms in rows:
+        print(f"{label:27} {what:10} {ms:8.3f}  {text}")
+
+
+if __name__ == "__main__":
+    main()
