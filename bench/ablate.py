@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"rf2": (2, 256, 256, 4, 60, 108), "rf2_in512": (2, 512, 256, 4, 60, 108),
@@ -78,6 +79,42 @@ def variant(name, tmp):
     return importlib.import_module(pkg)
 
 
+@triton.jit
+def _l2_traffic(buf_ptr, out_ptr, ROWS, REPEAT, MODE: tl.constexpr, BLOCK: tl.constexpr,
+                WIDTH: tl.constexpr):
+    """Each program walks REPEAT times over its slice of an L2-resident buffer (ROWS x WIDTH fp32)
+    reading it (MODE 0), storing to it (1) or adding to it atomically (2)."""
+    pid = tl.program_id(0)
+    offs_r = tl.arange(0, BLOCK)
+    offs_w = tl.arange(0, WIDTH)
+    acc = tl.zeros((BLOCK, WIDTH), tl.float32)
+    for it in range(REPEAT):
+        rows = (pid * 7919 + it * BLOCK + offs_r) % ROWS
+        ptr = buf_ptr + rows[:, None].to(tl.int64) * WIDTH + offs_w[None, :]
+        if MODE == 0:
+            acc += tl.load(ptr)
+        elif MODE == 1:
+            tl.store(ptr, acc + it)
+        else:
+            tl.atomic_add(ptr, acc + 1.0, sem="relaxed")
+    tl.store(out_ptr + pid, tl.sum(acc))
+
+
+def l2_bandwidth(mib=16, width=64, block=64, repeat=256):
+    """Achieved GB/s reading, storing and atomically adding fp32 rows of ``width`` (channels) in a
+    buffer of ``mib`` MiB (inside the 50 MB L2), 4 programs per SM."""
+    rows = mib * 2**20 // (4 * width)
+    buf = torch.zeros(rows, width, device="cuda")
+    programs = 4 * torch.cuda.get_device_properties(0).multi_processor_count
+    out = torch.empty(programs, device="cuda")
+    result = {}
+    for mode, name in enumerate(("read", "store", "atomic add")):
+        ms = bench(lambda: _l2_traffic[(programs,)](buf, out, rows, repeat, MODE=mode,
+                                                     BLOCK=block, WIDTH=width, num_warps=8))
+        result[name] = programs * repeat * block * width * 4 / ms / 1e6
+    return result
+
+
 def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
@@ -89,6 +126,8 @@ def main():
     parser.add_argument("--ablations", default="one-corner,no-gather,no-dot,store")
     parser.add_argument("--configs", default="",
                         help="extra configs to time, 'KERNEL:NAME=INT,...;...'")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float32-tf32"])
+    parser.add_argument("--l2", action="store_true", help="also measure L2 bandwidth (GB/s)")
     parser.add_argument("--extra-only", action="store_true",
                         help="time only the --configs, not the candidates of kernels/configs.py")
     parser.add_argument("--weight-waves", default="",
@@ -97,7 +136,9 @@ def main():
     os.environ["D2CONV_AUTOTUNE"] = "0"
     torch.manual_seed(0)
     N, C, Co, T, H, W = SHAPES[args.shape]
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = "cuda", torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = \
+        args.dtype == "float32-tf32"
     x = torch.randn(N, C, T, H, W, device=dev, dtype=dt).to(memory_format=torch.channels_last_3d)
     w = (torch.randn(Co, C, 3, 3, 3, device=dev) * 0.02).to(dt)
     s = (torch.rand(N, 3, T, H, W, device=dev) * 2.5 + 0.5).to(dt)
@@ -105,11 +146,14 @@ def main():
     go = torch.randn(N, Co, T, H, W, device=dev, dtype=dt).to(memory_format=torch.channels_last_3d)
     wd = w.to(memory_format=torch.channels_last_3d)
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, args.shape,
-          flush=True)
+          args.dtype, flush=True)
     dense_f = bench(lambda: F.conv3d(x, wd, None, padding=1))
     xg, wg = x.detach().requires_grad_(), wd.detach().requires_grad_()
     dense_fb = bench(lambda: torch.autograd.grad(F.conv3d(xg, wg, None, padding=1), [xg, wg], go))
     rows = [("dense cuDNN", "fwd", "", dense_f), ("dense cuDNN", "fwd+bwd", "", dense_fb)]
+    if args.l2:
+        for name, gbs in l2_bandwidth().items():
+            print(f"L2 {name}: {gbs:.0f} GB/s (fp32 rows of 64 channels)", flush=True)
 
     def runs(kern):
         from importlib import import_module
@@ -134,7 +178,7 @@ def main():
     kernels_of = {"FWD": ["FWD"], "BWD_DATA": ["BWD_DATA", "BWD_DATA(no input grad)",
                                                "BWD_DATA(input grad only)"],
                   "BWD_WEIGHT": ["BWD_WEIGHT"]}
-    only = args.only.split(",")
+    only = [k for k in args.only.split(",") if k]
     extra = {}
     for item in filter(None, args.configs.split(";")):
         kernel, _, text = item.partition(":")
@@ -148,7 +192,9 @@ def main():
     full = runs(variant("full", None))
     best = {}
     for kernel in only:
-        texts = ([] if args.extra_only else [config_text(c) for c in configs.CANDIDATES[kernel]])
+        cls = {"bfloat16": "16-bit", "float32": "ieee", "float32-tf32": "tf32"}[args.dtype]
+        texts = ([] if args.extra_only else
+                 [config_text(c) for c in configs.CANDIDATES[kernel][cls]])
         texts += extra.get(kernel, [])
         for text in texts:
             os.environ[f"D2CONV_CONFIG_{kernel}"] = text
@@ -167,7 +213,7 @@ def main():
     import kernels.backward as backward
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     default_programs = backward._programs_per_device
-    for waves in filter(None, args.weight_waves.split(",")):
+    for waves in filter(None, args.weight_waves.split(",") if "BWD_WEIGHT" in best else []):
         backward._programs_per_device = lambda device, waves=float(waves): int(waves * sms)
         rows.append(("BWD_WEIGHT", f"waves={waves}", best["BWD_WEIGHT"][0],
                      bench(full["BWD_WEIGHT"])))
@@ -176,7 +222,7 @@ def main():
 
     # 2. with the best config of each kernel: the parts, and the ablations
     tmp = tempfile.mkdtemp()
-    for name in ["full"] + args.ablations.split(","):
+    for name in ["full"] + [a for a in args.ablations.split(",") if a]:
         fns = runs(variant(name, tmp))
         for kernel in only:
             for label in kernels_of[kernel]:
@@ -187,7 +233,7 @@ def main():
                 rows.append((label, name, best[kernel][0], bench(fns[label])))
                 print(rows[-1], flush=True)
 
-    print(f"\n{args.shape}, bf16, xyz + mask, median ms ({torch.cuda.get_device_name()})")
+    print(f"\n{args.shape}, {args.dtype}, xyz + mask, median ms ({torch.cuda.get_device_name()})")
     for label, what, text, ms in rows:
         print(f"{label:27} {what:10} {ms:8.3f}  {text}")
 

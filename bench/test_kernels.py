@@ -22,16 +22,33 @@ SHAPES = {  # name: (N, C_in, C_out, T, H, W)
     "rf3": (2, 256, 256, 2, 30, 54),
     "rf2": (2, 256, 256, 4, 60, 108),
     "rf2_in512": (2, 512, 256, 4, 60, 108),
+    "early": (2, 64, 64, 8, 120, 216),     # an early-stage layer: few channels, many voxels
 }
-OPS = ["dense", "d2conv3d"]
-DTYPES = {"bfloat16": torch.bfloat16}
+# dense: cuDNN; d2conv3d: mode xyz with mask; deform_conv3d: the same sampling as free offsets
+# (offsets_from_size); reference: the PyTorch reference (kernels.naive) on the GPU
+OPS = ["dense", "d2conv3d", "deform_conv3d", "reference"]
+# float32: strict IEEE (TF32 off for cuDNN and for the kernels); float32-tf32: TF32 allowed
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float32-tf32": torch.float32}
 RESULTS = Path(os.environ.get("D2CONV_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a GPU")
 
 
+@pytest.fixture(autouse=True)
+def tf32_mode(request):
+    """TF32 allowed only for the float32-tf32 cases (PyTorch's matmul flag drives the kernels,
+    cuDNN's flag the dense conv)."""
+    dtype = request.node.callspec.params.get("dtype") if hasattr(request.node, "callspec") else None
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    tf32 = dtype == "float32-tf32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def make(shape, dtype, op, device="cuda"):
-    """Fresh inputs (channels-last activations) and the function of one op: returns (fn, inputs)."""
+    """Fresh inputs (channels-last activations) and the function of one op: returns (fn, inputs).
+    Every op but dense takes (x, size-or-offset, weight, bias, mask)."""
     N, C, Co, T, H, W = shape
     cl = torch.channels_last_3d
     x = torch.randn(N, C, T, H, W, device=device, dtype=dtype).to(memory_format=cl)
@@ -43,6 +60,14 @@ def make(shape, dtype, op, device="cuda"):
         return (lambda x, w, b: F.conv3d(x, w, b, padding=1)), inputs
     size = (torch.rand(N, 3, T, H, W, device=device) * 2.5 + 0.5).to(dtype)
     mask = torch.rand(N, 27, T, H, W, device=device, dtype=dtype)
+    if op == "deform_conv3d":
+        offset = kernels.offsets_from_size(size, 3)
+        return (lambda x, o, w, b, m: kernels.deform_conv3d(x, o, w, b, padding=1, mask=m)), \
+            [x, offset, w, b, mask]
+    if op == "reference":
+        from kernels import naive
+        return (lambda x, s, w, b, m: naive.d2conv3d(x, s, w, b, padding=1, mask=m)), \
+            [x, size, w, b, mask]
     inputs = [x, size, w, b, mask]
     return (lambda x, s, w, b, m: kernels.d2conv3d(x, s, w, b, padding=1, mask=m)), inputs
 
@@ -74,7 +99,8 @@ def record(entry):
     key = ("shape", "dtype", "op", "pass")
     rows = [r for r in rows if tuple(r[k] for k in key) != tuple(entry[k] for k in key)]
     rows.append(dict(gpu=gpu, **entry, torch=torch.__version__,
-                     triton=__import__("triton").__version__))
+                     triton=__import__("triton").__version__,
+                     autotuned=os.environ.get("D2CONV_AUTOTUNE", "1") != "0"))
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(sorted(rows, key=lambda r: tuple(r[k] for k in key)), indent=1))
     os.replace(tmp, path)
@@ -97,9 +123,10 @@ def verify(op, shape, dtype):
         grad_out = torch.randn_like(out)
         grads = torch.autograd.grad(out, leaves, grad_out)
         ref_in = [t.detach().double().requires_grad_() for t in inputs]
-        ref = naive.d2conv3d(ref_in[0], ref_in[1], ref_in[2], ref_in[3], padding=1, mask=ref_in[4])
+        ref_op = naive.deform_conv3d if op == "deform_conv3d" else naive.d2conv3d
+        ref = ref_op(ref_in[0], ref_in[1], ref_in[2], ref_in[3], padding=1, mask=ref_in[4])
         ref_grads = torch.autograd.grad(ref, ref_in, grad_out.double())
-        tol = 1e-4 if DTYPES[dtype] == torch.float32 else 1e-2
+        tol = {"float32": 1e-4, "float32-tf32": 5e-3}.get(dtype, 1e-2)
         errors = [((a.double() - b).norm() / b.norm()).item()
                   for a, b in zip([out, *grads], [ref, *ref_grads])]
         _verified[key] = max(errors) <= tol, errors
@@ -116,7 +143,7 @@ def test_speed(benchmark, shape, dtype, op, pass_):
     import triton
 
     torch.manual_seed(0)
-    if op != "dense":
+    if op in ("d2conv3d", "deform_conv3d"):
         verify(op, shape, dtype)
     fn, inputs = make(SHAPES[shape], DTYPES[dtype], op)
     run = timed(fn, inputs, pass_)

@@ -207,11 +207,11 @@ def d2conv_bwd_weight_kernel(
 
 
 d2conv_bwd_data_tuned = triton.autotune(
-    configs.BWD_DATA, key=configs.KEY, reset_to_zero=["gx_ptr"],
-    prune_configs_by={"early_config_prune": configs.prune})(d2conv_bwd_data_kernel)
+    configs.all_candidates("BWD_DATA"), key=configs.KEY, reset_to_zero=["gx_ptr"],
+    prune_configs_by={"early_config_prune": configs.pruner("BWD_DATA")})(d2conv_bwd_data_kernel)
 d2conv_bwd_weight_tuned = triton.autotune(
-    configs.BWD_WEIGHT, key=configs.KEY, reset_to_zero=["gw_ptr", "gb_ptr"],
-    prune_configs_by={"early_config_prune": configs.prune})(d2conv_bwd_weight_kernel)
+    configs.all_candidates("BWD_WEIGHT"), key=configs.KEY, reset_to_zero=["gw_ptr", "gb_ptr"],
+    prune_configs_by={"early_config_prune": configs.pruner("BWD_WEIGHT")})(d2conv_bwd_weight_kernel)
 
 
 def _programs_per_device(device):

@@ -12,34 +12,74 @@ Environment:
 """
 import os
 
+import torch
 import triton
 
 # which launch parameters are meta-parameters (the rest are num_warps / num_stages)
 _LAUNCH = ("num_warps", "num_stages")
 
 KEY = ["C", "Cog", "Cg", "SEG", "G", "KD", "KH", "KW", "SD", "SH", "SW", "DD", "DH", "DW",
-       "IS_OFFSET", "SZ_CH", "SY_CH", "SX_CH", "HAS_MASK", "M_BUCKET"]
+       "IS_OFFSET", "SZ_CH", "SY_CH", "SX_CH", "HAS_MASK", "DOT_PRECISION", "M_BUCKET"]
+
+
+def pruner(kernel):
+    """The early_config_prune of one kernel's autotuner."""
+    def prune_kernel(configs, named_args, **kwargs):
+        return prune(configs, named_args, kernel=kernel, **kwargs)
+    return prune_kernel
 
 
 def _cfg(num_warps, num_stages, **meta):
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-# candidates, kept short: every config is a 4-20 s compile. Ordered by their time at rf2 on an
-# H100 (bench/ablate.py, bench/NOTES.md); the first is the one D2CONV_AUTOTUNE=0 launches.
-FWD = [_cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64),
-       _cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=32),
-       _cfg(16, 1, BLOCK_M=128, BLOCK_N=256, BLOCK_C=32),
-       _cfg(4, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32)]
-BWD_DATA = [_cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64),
-            _cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
-            _cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32),
-            _cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32)]
-BWD_WEIGHT = [_cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=64),
-              _cfg(8, 1, BLOCK_M=128, BLOCK_O=256, BLOCK_C=32),
-              _cfg(8, 2, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
-              _cfg(8, 2, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64)]
+# candidates per precision class, kept short: every config is a 4-20 s compile. Ordered by
+# their time at rf2 on an H100 (bench/ablate.py, bench/NOTES.md); the first of a class is what
+# D2CONV_AUTOTUNE=0 launches. "16-bit": bf16/fp16 on tensor cores; "tf32": fp32 inputs with TF32
+# allowed (tiles twice the bytes: smaller channel blocks); "ieee": strict fp32, whose tl.dot is
+# FMA code without tensor cores (small tiles, or the unrolled product spills).
+FWD = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64),
+                  _cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=32),
+                  _cfg(16, 1, BLOCK_M=128, BLOCK_N=256, BLOCK_C=32),
+                  _cfg(4, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32)],
+       "tf32": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=32),
+                _cfg(8, 1, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32),
+                _cfg(4, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32)],
+       "ieee": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=128, BLOCK_C=16),
+                _cfg(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_C=16)]}
+BWD_DATA = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64),
+                       _cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
+                       _cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32),
+                       _cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32)],
+            "tf32": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32),
+                     _cfg(4, 1, BLOCK_M=32, BLOCK_O=64, BLOCK_C=32),
+                     _cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32)],
+            "ieee": [_cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=16),
+                     _cfg(4, 1, BLOCK_M=32, BLOCK_O=64, BLOCK_C=16)]}
+BWD_WEIGHT = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=64),
+                         _cfg(8, 1, BLOCK_M=128, BLOCK_O=256, BLOCK_C=32),
+                         _cfg(8, 2, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
+                         _cfg(8, 2, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64)],
+              "tf32": [_cfg(8, 2, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
+                       _cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32)],
+              "ieee": [_cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=16),
+                       _cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=16)]}
 CANDIDATES = {"FWD": FWD, "BWD_DATA": BWD_DATA, "BWD_WEIGHT": BWD_WEIGHT}
+
+
+def all_candidates(kernel):
+    """Every class's candidates of one kernel (what its autotuner is built with; prune keeps the
+    launch's class)."""
+    return [c for configs in CANDIDATES[kernel].values() for c in configs]
+
+
+def precision_class(args):
+    """ "16-bit", "tf32" or "ieee" for a launch's arguments (the input's dtype, DOT_PRECISION)."""
+    if args["x_ptr"].dtype != torch.float32:
+        return "16-bit"
+    return "tf32" if args["DOT_PRECISION"] == "tf32" else "ieee"
+
+
 # under the interpreter: small blocks, so that tests with a few dozen channels run every loop
 # (several channel and output-channel blocks, several voxel blocks, masked tails)
 INTERPRETER = {"FWD": _cfg(4, 1, BLOCK_M=32, BLOCK_N=16, BLOCK_C=16),
@@ -59,9 +99,12 @@ def _fit(config, args):
     return triton.Config(meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def prune(configs, named_args, **kwargs):
-    """Fit every candidate to the shape and drop the duplicates this makes."""
+def prune(configs, named_args, kernel=None, **kwargs):
+    """Keep the launch's precision class (when ``kernel`` is named), fit every candidate to the
+    shape and drop the duplicates this makes."""
     args = {**named_args, **kwargs}     # Triton passes keyword launch arguments in kwargs
+    if kernel is not None:
+        configs = CANDIDATES[kernel][precision_class(args)]
     seen, kept = set(), []
     for config in configs:
         config = _fit(config, args)
@@ -95,7 +138,7 @@ def pinned(kernel, args):
     if interpreting():
         return INTERPRETER[kernel]
     if os.environ.get("D2CONV_AUTOTUNE", "1") == "0":
-        return _fit(CANDIDATES[kernel][0], args)
+        return _fit(CANDIDATES[kernel][precision_class(args)][0], args)
     return None
 
 

@@ -83,8 +83,8 @@ def d2conv_fwd_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
 
 
-d2conv_fwd_tuned = triton.autotune(configs.FWD, key=configs.KEY,
-                                   prune_configs_by={"early_config_prune": configs.prune})(
+d2conv_fwd_tuned = triton.autotune(configs.all_candidates("FWD"), key=configs.KEY,
+                                   prune_configs_by={"early_config_prune": configs.pruner("FWD")})(
     d2conv_fwd_kernel)
 
 

@@ -120,11 +120,23 @@ def test_pinned_config_from_environment_is_used(monkeypatch):
 
 
 def test_prune_fits_blocks_to_the_shape():
-    kept = configs.prune(configs.FWD, {"Cog": 24, "SEG": 8})
+    kept = configs.prune(configs.all_candidates("FWD"), {"Cog": 24, "SEG": 8})
     assert {c.kwargs["BLOCK_N"] for c in kept} == {32}
     assert {c.kwargs["BLOCK_C"] for c in kept} == {16}
     assert len(kept) == len({(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
                              for c in kept})
+
+
+@pytest.mark.parametrize("dtype, precision, expected", [
+    (torch.bfloat16, "ieee", "16-bit"), (torch.float32, "tf32", "tf32"),
+    (torch.float32, "ieee", "ieee")])
+def test_prune_keeps_the_precision_class(dtype, precision, expected):
+    """Strict fp32 (FMA code) and TF32 get their own small-tile candidates, 16-bit the large ones."""
+    args = {"x_ptr": torch.empty(1, dtype=dtype), "DOT_PRECISION": precision, "Cog": 256,
+            "SEG": 256}
+    for kernel in configs.CANDIDATES:
+        kept = configs.prune(configs.all_candidates(kernel), args, kernel=kernel)
+        assert [c.kwargs for c in kept] == [c.kwargs for c in configs.CANDIDATES[kernel][expected]]
 
 
 def test_output_can_be_modified_in_place():

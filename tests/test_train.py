@@ -36,7 +36,10 @@ def weights(run_dir):
     return torch.load(Path(run_dir) / "last.pt", weights_only=False)
 
 
-def test_resume_equals_an_uninterrupted_run(videos, tmp_path):
+def test_resume_equals_an_uninterrupted_run(videos, tmp_path, monkeypatch):
+    # on the CPU, where a step is deterministic: on a GPU the kernels' fp32 atomics (and cuDNN)
+    # change the last bits run to run, and Adam amplifies them, so equality is not promised there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # 5 steps an epoch: step 4 stops mid-epoch, step 8 is 3 steps into the second epoch
     assert train.main(args(videos, tmp_path / "once", "--max-steps", "8")) == 0
     assert train.main(args(videos, tmp_path / "twice", "--max-steps", "4")) == 0
