@@ -11,6 +11,8 @@ the sampled columns, never stored):
     grad_weight[k, c, o] = sum_m A[m, (k, c)] * grad_out[m, o]  (A re-gathered as in the
                    forward), grad_bias = sum_m grad_out; fp32 atomics across voxel splits.
 """
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -223,15 +225,39 @@ def _programs_per_device(device):
     return 2    # the interpreter: enough to exercise the split
 
 
+def deterministic(device, need_input):
+    """Whether the backward must be deterministic (``torch.use_deterministic_algorithms``) on a
+    GPU. The weight and bias gradients then take one program per weight tile (no atomics across
+    programs: bitwise reproducible, slower); the input gradient, a scatter with fp32 atomics, has
+    no deterministic implementation: RuntimeError (a warning in warn_only mode). The size, offset
+    and mask gradients are plain stores, the forward has no atomics: both always reproducible.
+    Under the Triton interpreter programs run one after another, so everything is reproducible.
+    """
+    if device.type != "cuda" or not torch.are_deterministic_algorithms_enabled():
+        return False
+    if need_input:
+        message = ("deform_conv3d / d2conv3d backward: the input gradient is accumulated with "
+                   "fp32 atomics and has no deterministic implementation (the weight, bias, "
+                   "offset/size and mask gradients do); detach the input, or turn off "
+                   "torch.use_deterministic_algorithms for this op")
+        if torch.is_deterministic_algorithms_warn_only_enabled():
+            warnings.warn(message)
+        else:
+            raise RuntimeError(message)
+    return True
+
+
 def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
                need_input, need_coords, need_mask, need_weight):
     """Gradients of deform_conv3d / d2conv3d.
 
     Returns (grad_input, grad_coords, grad_mask, grad_weight, grad_bias); a gradient that is not
-    needed (or has no input, as grad_bias without bias) is None.
+    needed (or has no input, as grad_bias without bias) is None. See ``deterministic`` for
+    ``torch.use_deterministic_algorithms(True)``.
     """
     args, x_cl, w_r = kernel_args(geo, input, coords, weight, mask, mode)
     dev, dtype = input.device, input.dtype
+    reproducible = deterministic(dev, need_input)
     go = grad_out.permute(0, 2, 3, 4, 1).contiguous()
     args["go_ptr"] = go
     N, C, T, H, W = input.shape
@@ -263,7 +289,8 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
         gw = torch.zeros((groups, K, Cg, Cog), device=dev, dtype=torch.float32)
         gb = torch.zeros((geo.Co,), device=dev, dtype=torch.float32)
         weight_args = dict(args, gw_ptr=gw, gb_ptr=gb, HAS_BIAS=has_bias)
-        target = _programs_per_device(dev)
+        # deterministic: one program per weight tile, so every element gets exactly one atomic
+        target = 1 if reproducible else _programs_per_device(dev)
 
         def grid(meta):
             base = (groups * triton.cdiv(Cog, meta["BLOCK_O"])
