@@ -71,7 +71,8 @@ def load_model(path, device):
     if "model" not in state or "config" not in state:
         sys.exit(f"{path} is not a trainer checkpoint (no 'model' / 'config')")
     cfg = state["config"]
-    model = EncoderDecoder(cfg["backbone"], cfg["decoder_conv"], mdim=cfg["mdim"])
+    model = EncoderDecoder(cfg["backbone"], cfg["decoder_conv"], mdim=cfg["mdim"],
+                           decoder_norm=cfg.get("decoder_norm", False))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg
 

@@ -155,6 +155,13 @@ VARIANTS = {
 }
 
 
+def predictor_parameters(module):
+    """The parameters of every size / offset / mask predictor inside ``module`` (the zero-
+    initialised convs of D2Conv3d and DeformConv3d), e.g. for a parameter group of their own."""
+    return [p for m in module.modules() if isinstance(m, _SampledConv3d)
+            for p in m.predictor.parameters()]
+
+
 def convert_convs(module, variant, **options):
     """Replace every nn.Conv3d inside ``module`` whose kernel is not 1x1x1 by ``variant``.
 

@@ -3,6 +3,8 @@ ASPP (the dilated baseline), DCN, DCNv2 or D²Conv3D in the chosen refine blocks
 
     clip (B, 3, T, H, W) RGB in [0, 1]  ->  logits (B, 1, T, H, W)
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,9 +93,13 @@ class Decoder(nn.Module):
     features: e1..e4 with ``channels`` (c1..c4) -> logits (B, 1, T1, H1, W1) at e1's size.
     ``aspp``: the first conv of every refine block whose input has more channels than ``mdim``
     becomes an ASPP (rates (3, 6, 9) above 2*mdim input channels, else (6, 12, 18)).
+    ``norm``: GroupNorm(1, mdim) after the GC and before the head's ReLU. The paper's decoder has
+    neither; a decoder trained from scratch needs them: the GC output enters every refine block
+    through the residual sums unnormalised, its biases drift under Adam, and the head's ReLU goes
+    dead (the output collapses to a constant).
     """
 
-    def __init__(self, channels, mdim=256, aspp=False):
+    def __init__(self, channels, mdim=256, aspp=False, norm=False):
         super().__init__()
         c1, c2, c3, c4 = channels
 
@@ -108,14 +114,16 @@ class Decoder(nn.Module):
         self.rf2 = Refine3d(c2, mdim, rates(c2))
         self.rf1 = Refine3d(c1, mdim, rates(c1))
         self.pred = conv3(mdim, 1)
+        self.gc_norm = nn.GroupNorm(1, mdim) if norm else nn.Identity()
+        self.pred_norm = nn.GroupNorm(1, mdim) if norm else nn.Identity()
 
     def forward(self, e1, e2, e3, e4):
-        x = self.GC(e4)
+        x = self.gc_norm(self.GC(e4))
         m4 = x + self.convG2(F.relu(self.convG1(F.relu(x))))
         m3 = self.rf3(e3, m4)
         m2 = self.rf2(e2, m3)
         m1 = self.rf1(e1, m2)
-        return self.pred(F.relu(m1))
+        return self.pred(F.relu(self.pred_norm(m1)))
 
 
 class EncoderDecoder(nn.Module):
@@ -124,6 +132,10 @@ class EncoderDecoder(nn.Module):
     decoder_conv: "dense" (3DC-Seg), "aspp" (dilated baseline), "dcn", "dcnv2" or
     "d2conv-{x,xy,xxz,xyz}" (the paper: "d2conv-xyz", modulated, in rf2 and rf3).
     converted: the refine blocks whose non-1x1x1 convolutions are replaced.
+    decoder_norm: GroupNorm after the decoder's GC and before its head (see ``Decoder``); off in
+    the paper's model, on for one trained from scratch.
+    fg_prior: if given, the head's bias starts at the log-odds of this foreground fraction (so the
+    initial prediction is the prior, not 0.5 everywhere).
     conv_options: passed to the replacing layers (e.g. modulation=False).
 
     forward: clip (B, 3, T, H, W), RGB in [0, 1], H and W multiples of 32 (the data pipeline
@@ -131,14 +143,20 @@ class EncoderDecoder(nn.Module):
     """
 
     def __init__(self, backbone="ir_csn_152", decoder_conv="d2conv-xyz",
-                 converted=("rf2", "rf3"), mdim=256, checkpoint=False, **conv_options):
+                 converted=("rf2", "rf3"), mdim=256, checkpoint=False, decoder_norm=False,
+                 fg_prior=None, **conv_options):
         super().__init__()
         if backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
         if decoder_conv not in DECODER_CONVS:
             raise ValueError(f"decoder_conv must be one of {DECODER_CONVS}, got {decoder_conv!r}")
         self.encoder = BACKBONES[backbone](checkpoint=checkpoint)
-        self.decoder = Decoder(self.encoder.channels, mdim, aspp=decoder_conv == "aspp")
+        self.decoder = Decoder(self.encoder.channels, mdim, aspp=decoder_conv == "aspp",
+                               norm=decoder_norm)
+        if fg_prior is not None:
+            if not 0 < fg_prior < 1:
+                raise ValueError(f"fg_prior must be in (0, 1), got {fg_prior}")
+            nn.init.constant_(self.decoder.pred.bias, math.log(fg_prior / (1 - fg_prior)))
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1, 1), persistent=False)
         self.converted = 0

@@ -127,7 +127,8 @@ def test_command_line_evaluation_only(davis, tmp_path, capsys):
 def test_command_line_model_mode(davis, tmp_path, capsys):
     """A trainer checkpoint in, masks and scores out; the saliency scores from probabilities."""
     cfg = make_config("tiny", data=str(davis), mdim=8)
-    model = EncoderDecoder(cfg.backbone, cfg.decoder_conv, mdim=cfg.mdim)
+    model = EncoderDecoder(cfg.backbone, cfg.decoder_conv, mdim=cfg.mdim,
+                           decoder_norm=cfg.decoder_norm)
     torch.save({"model": model.state_dict(), "config": asdict(cfg)}, tmp_path / "best.pt")
     assert evaluate.main(["--checkpoint", str(tmp_path / "best.pt"), "--saliency"]) == 0
     out = capsys.readouterr().out

@@ -73,3 +73,20 @@ def test_tiny_model_trains_one_step(decoder_conv):
     before = [p.detach().clone() for p in model.parameters()]
     optimizer.step()
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_from_scratch_options_of_the_decoder():
+    """decoder_norm adds the two GroupNorms; fg_prior starts the head at the prior's log-odds;
+    predictor_parameters finds exactly the converted layers' predictors."""
+    import math
+
+    from d2conv.layers import predictor_parameters
+    model = EncoderDecoder("ir_csn_tiny", "d2conv-xyz", mdim=8, decoder_norm=True, fg_prior=0.12)
+    assert isinstance(model.decoder.gc_norm, torch.nn.GroupNorm)
+    assert isinstance(model.decoder.pred_norm, torch.nn.GroupNorm)
+    assert torch.allclose(model.decoder.pred.bias, torch.tensor(math.log(0.12 / 0.88)))
+    assert len(predictor_parameters(model)) == 2 * model.converted          # weight and bias
+    plain = EncoderDecoder("ir_csn_tiny", "dense", mdim=8)
+    assert isinstance(plain.decoder.gc_norm, torch.nn.Identity) and not predictor_parameters(plain)
+    with pytest.raises(ValueError, match="fg_prior"):
+        EncoderDecoder("ir_csn_tiny", "dense", mdim=8, fg_prior=1.5)

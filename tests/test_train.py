@@ -106,3 +106,24 @@ def test_two_process_gloo_ddp(videos, tmp_path):
     # 10 clips over 2 ranks at batch 2: 2 batches an epoch per rank
     assert (state["epoch"], state["batch_in_epoch"]) == (1, 1)
     assert "checkpoint:" in result.stdout and result.stdout.count("checkpoint:") == 1
+
+
+def test_warmup_and_predictor_learning_rate(videos, tmp_path, monkeypatch):
+    """The warm-up scales each step's lr linearly and leaves the scheduler's lr in place; the
+    sampling predictors get their own group at predictor_lr x lr."""
+    seen = []
+    real = torch.optim.Adam.step
+
+    def step(self, *a, **k):
+        seen.append([group["lr"] for group in self.param_groups])
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    cfg = trainer_module.make_config("tiny", data=str(videos), run_dir=str(tmp_path),
+                                     batch_size=2, workers=0, lr=1e-3, predictor_lr=0.1,
+                                     warmup_steps=4, max_steps=3)
+    trainer = trainer_module.Trainer(cfg)
+    trainer.fit()
+    assert [round(lrs[0], 9) for lrs in seen] == [2.5e-4, 5e-4, 7.5e-4]
+    assert all(abs(lrs[1] - 0.1 * lrs[0]) < 1e-12 for lrs in seen)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-3, 1e-4]

@@ -1,11 +1,13 @@
 """A procedural video dataset in the DAVIS layout (SPEC §6), small enough to train on a CPU.
 
 Each video: a textured background seen through a slow camera pan; 1-3 salient objects
-(ellipses, rectangles, star polygons with their own texture) that move against the background and
-grow or shrink by x1.5-2.5 over about 8 frames (so a fixed dilation cannot follow them); 1-3
-static look-alikes (copies of the salient objects' shapes and textures, fixed to the background:
-only motion decides what is salient); often a static occluder in front of a salient object's
-path, and objects that leave the frame partly. Written files:
+(ellipses, rectangles, star polygons with their own texture, at least 13-18 % of the frame's
+smaller side across their radius) that move 3-10 times faster than the pan and grow or shrink by
+x1.5-2.2 over about 8 frames (so a fixed dilation cannot follow them); 1-2 smaller static
+look-alikes (copies of the salient objects' shapes and textures, fixed to the background: only
+motion decides what is salient); sometimes a static occluder in front of a salient object's path,
+and objects that leave the frame partly. The defaults (48 training videos of 20 frames at 64x96)
+let the tiny model train on two CPU cores in minutes. Written files:
 
     ROOT/JPEGImages/480p/<seq>/00000.jpg                  RGB, height x width
     ROOT/Annotations_unsupervised/480p/<seq>/00000.png    palette PNG, 0 background, 1..k objects
@@ -15,7 +17,7 @@ path, and objects that leave the frame partly. Written files:
 The same seed and parameters give byte-identical files (every video draws from its own
 ``numpy.random.Generator`` seeded by (seed, split, index)).
 
-    python -m d2conv.data.synthetic --out data/synthetic --train 24 --val 8
+    python -m d2conv.data.synthetic --out data/synthetic --train 48 --val 8
 """
 import argparse
 import fcntl
@@ -31,8 +33,8 @@ from tqdm import tqdm
 
 __all__ = ["DEFAULTS", "FORMAT", "generate", "ensure", "main"]
 
-DEFAULTS = dict(n_train=24, n_val=8, frames=20, height=96, width=160, seed=0)
-FORMAT = 1                     # bump when the generator changes: ensure() then regenerates
+DEFAULTS = dict(n_train=48, n_val=8, frames=20, height=64, width=96, seed=0)
+FORMAT = 2                     # bump when the generator changes: ensure() then regenerates
 _SPLITS = {"train": 0, "val": 1}
 
 
@@ -129,17 +131,17 @@ def _fold(x, lo, hi):
 
 
 def _salient(rng, obj_id: int, t, height: int, width: int) -> dict:
-    """A moving object: the radius goes x1.5-2.5 up (or down) over 7-10 frames and back, the
-    centre travels 0.8-2 px a frame (at 96 px) with a wobble, bouncing off the frame's edges
-    (it may leave the frame by half its size)."""
-    px = min(height, width) / 96                        # pixels per unit of the default size
-    r_min, factor = rng.uniform(0.09, 0.14) * min(height, width), rng.uniform(1.5, 2.5)
+    """A moving object: the radius (at least 13-18 % of the frame's smaller side) goes x1.5-2.2
+    up (or down) over 7-10 frames and back, the centre travels 1.5-3 px a frame (at 96 px, 3-10
+    times the pan) with a wobble, bouncing off the frame's edges (it may leave the frame partly)."""
+    px = min(height, width) / 96                        # pixels per unit of a 96 px frame
+    r_min, factor = rng.uniform(0.13, 0.18) * min(height, width), rng.uniform(1.5, 2.2)
     half_period = rng.uniform(7, 10)
     tri = 1 - np.abs(np.mod(t / half_period, 2) - 1)    # 0 -> 1 -> 0 over 2 half periods
     if rng.random() < 0.5:
         tri = 1 - tri                                   # shrink first
-    v, heading = rng.uniform(0.8, 2.0) * px, rng.uniform(0, 2 * np.pi)
-    wobble = rng.uniform(0, 3 * px, 2)[:, None] * np.sin(rng.uniform(0.2, 0.6, 2)[:, None] * t
+    v, heading = rng.uniform(1.5, 3.0) * px, rng.uniform(0, 2 * np.pi)
+    wobble = rng.uniform(0, 2 * px, 2)[:, None] * np.sin(rng.uniform(0.2, 0.6, 2)[:, None] * t
                                                           + rng.uniform(0, 6.3, 2)[:, None])
     cx = _fold(rng.uniform(0.2, 0.8) * width + v * np.cos(heading) * t + wobble[0],
                0.05 * width, 0.95 * width)
@@ -155,7 +157,7 @@ def _plan_video(rng, frames: int, height: int, width: int) -> dict:
     back to front, each with its pose per frame in screen pixels: cx, cy, r (radius), angle
     (frames,) and its id (0 for the static, non-salient ones)."""
     t = np.arange(frames, dtype=np.float64)
-    speed = rng.uniform(0.3, 1.0) * min(height, width) / 96
+    speed = rng.uniform(0.15, 0.5) * min(height, width) / 96
     direction = rng.uniform(0, 2 * np.pi)
     pan = rng.uniform(0, 200, 2)[:, None] + speed * np.array(
         [[np.cos(direction)], [np.sin(direction)]]) * t
@@ -168,24 +170,24 @@ def _plan_video(rng, frames: int, height: int, width: int) -> dict:
                     r=np.full(frames, r), angle=np.full(frames, angle))
 
     behind, front = [], []
-    for _ in range(int(rng.integers(1, 4))):            # look-alikes: a salient object's copy
+    for _ in range(int(rng.integers(1, 3))):            # look-alikes: a salient object's copy
         src = objects[int(rng.integers(len(objects)))]
         behind.append(static(src["shape"], src["texture"],
                              rng.uniform(0.1, 0.9) * width + pan[0, 0],
                              rng.uniform(0.1, 0.9) * height + pan[1, 0],
-                             rng.uniform(src["r"].min(), src["r"].max()), rng.uniform(0, 6.3)))
-    if rng.random() < 0.7:                              # an occluder on a salient object's path
+                             rng.uniform(0.5, 0.8) * src["r"].min(), rng.uniform(0, 6.3)))
+    if rng.random() < 0.4:                              # an occluder on a salient object's path
         src, k = objects[int(rng.integers(len(objects)))], int(rng.integers(2, max(3, frames - 2)))
         k = min(k, frames - 1)
         x, y = src["cx"][k] + pan[0, k], src["cy"][k] + pan[1, k]
         if rng.random() < 0.5:                          # a pole across the frame
-            pole = dict(kind="rectangle", aspect=rng.uniform(0.06, 0.12), verts=None)
+            pole = dict(kind="rectangle", aspect=rng.uniform(0.04, 0.08), verts=None)
             front.append(static(pole, _random_texture(rng, 0.6), x, y, 0.7 * height,
                                 np.pi / 2 + rng.uniform(-0.4, 0.4)))
         else:                                           # a look-alike in front
             x += rng.uniform(-0.5, 0.5) * src["r"][k]
             front.append(static(src["shape"], src["texture"], x, y,
-                                rng.uniform(0.5, 0.8) * src["r"][k], rng.uniform(0, 6.3)))
+                                rng.uniform(0.4, 0.6) * src["r"][k], rng.uniform(0, 6.3)))
     return dict(pan=pan, background=background, layers=behind + objects + front)
 
 
@@ -226,7 +228,7 @@ def _params(**params) -> dict:
     return {"format": FORMAT, **DEFAULTS, **params}
 
 
-def generate(root, n_train=24, n_val=8, frames=20, height=96, width=160, seed=0) -> Path:
+def generate(root, n_train=48, n_val=8, frames=20, height=64, width=96, seed=0) -> Path:
     """Write the dataset to ``root`` (built in ``root.tmp-<pid>``, then renamed; an existing
     ``root`` is replaced only if it holds a ``synthetic.json``). Returns ``root`` as a Path."""
     root = Path(root)
