@@ -21,7 +21,7 @@ from d2conv.data import davis_sequences, load_mask
 from d2conv.data.synthetic import ensure as ensure_synthetic
 from d2conv.evaluation import evaluate_results, format_tables, run_model
 from d2conv.metrics import mae, max_f_measure, write_csvs
-from d2conv.model import EncoderDecoder
+from d2conv.trainer import build_model
 
 
 def parse_args(argv=None):
@@ -71,8 +71,7 @@ def load_model(path, device):
     if "model" not in state or "config" not in state:
         sys.exit(f"{path} is not a trainer checkpoint (no 'model' / 'config')")
     cfg = state["config"]
-    model = EncoderDecoder(cfg["backbone"], cfg["decoder_conv"], mdim=cfg["mdim"],
-                           decoder_norm=cfg.get("decoder_norm", False))
+    model = build_model(cfg)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg
 

@@ -35,6 +35,7 @@ def main():
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
+    amp = torch.bfloat16 if cuda else None
     gpu = torch.cuda.get_device_name().replace(" ", "_") if cuda else "cpu"
     height, width = map(int, args.size.split("x"))
     root = Path(args.out or tempfile.mkdtemp())
@@ -52,9 +53,9 @@ def main():
         for gap in (5, 1):
             out = root / f"{decoder}-{gap}"
             run_model(model, warm, out, gap=gap, clips_per_batch=args.clips_per_batch,
-                      amp_dtype=torch.bfloat16 if cuda else None)
+                      amp_dtype=amp)
             t = run_model(model, timed, out, gap=gap, clips_per_batch=args.clips_per_batch,
-                          amp_dtype=torch.bfloat16 if cuda else None)
+                          amp_dtype=amp)
             records.append(dict(gpu=gpu, decoder=decoder, gap=gap, frames=t["frames"],
                                 height=height, width=width, clips_per_batch=args.clips_per_batch,
                                 model_fps=t["frames"] / t["model_s"],

@@ -103,6 +103,18 @@ def make_config(preset, **overrides):
     return TrainConfig(preset=preset, **values)
 
 
+def build_model(cfg):
+    """The EncoderDecoder a config describes: a TrainConfig, or the dict a checkpoint stores (its
+    missing fields, from an older checkpoint, take their defaults). Trainer and evaluate.py both
+    build through here, so a new model option cannot be forgotten by one of them."""
+    if isinstance(cfg, dict):
+        names = {f.name for f in fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in cfg.items() if k in names})
+    return EncoderDecoder(cfg.backbone, cfg.decoder_conv, mdim=cfg.mdim,
+                          checkpoint=cfg.checkpoint, decoder_norm=cfg.decoder_norm,
+                          fg_prior=cfg.fg_prior or None)
+
+
 class EpochSampler(Sampler):
     """This rank's share of a seeded permutation of one epoch, in whole batches, from a given
     batch on (resuming mid-epoch skips what was done without loading it)."""
@@ -209,9 +221,7 @@ class Trainer:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
-        self.model = EncoderDecoder(cfg.backbone, cfg.decoder_conv, mdim=cfg.mdim,
-                                    checkpoint=cfg.checkpoint, decoder_norm=cfg.decoder_norm,
-                                    fg_prior=cfg.fg_prior or None).to(self.device)
+        self.model = build_model(cfg).to(self.device)
         if cfg.backbone_weights:
             from .weights import load_backbone_weights
             load_backbone_weights(self.model.encoder, cfg.backbone_weights)

@@ -14,7 +14,7 @@ from d2conv.data.synthetic import generate
 from d2conv.evaluation import evaluate_results, read_prediction, run_model, write_mask
 from d2conv.inference import clip_starts, predict_video
 from d2conv.model import EncoderDecoder
-from d2conv.trainer import make_config
+from d2conv.trainer import build_model, make_config
 
 pytestmark = pytest.mark.usefixtures("reference_on_cpu")
 
@@ -127,8 +127,7 @@ def test_command_line_evaluation_only(davis, tmp_path, capsys):
 def test_command_line_model_mode(davis, tmp_path, capsys):
     """A trainer checkpoint in, masks and scores out; the saliency scores from probabilities."""
     cfg = make_config("tiny", data=str(davis), mdim=8)
-    model = EncoderDecoder(cfg.backbone, cfg.decoder_conv, mdim=cfg.mdim,
-                           decoder_norm=cfg.decoder_norm)
+    model = build_model(cfg)
     torch.save({"model": model.state_dict(), "config": asdict(cfg)}, tmp_path / "best.pt")
     assert evaluate.main(["--checkpoint", str(tmp_path / "best.pt"), "--saliency"]) == 0
     out = capsys.readouterr().out

@@ -90,3 +90,11 @@ def test_from_scratch_options_of_the_decoder():
     assert isinstance(plain.decoder.gc_norm, torch.nn.Identity) and not predictor_parameters(plain)
     with pytest.raises(ValueError, match="fg_prior"):
         EncoderDecoder("ir_csn_tiny", "dense", mdim=8, fg_prior=1.5)
+
+
+def test_build_model_from_an_older_checkpoint_config():
+    """A checkpoint's config dict without the newer fields builds the model it was trained as."""
+    from d2conv.trainer import build_model
+    model = build_model({"backbone": "ir_csn_tiny", "decoder_conv": "dense", "mdim": 8,
+                         "data": "synthetic"})
+    assert isinstance(model.decoder.gc_norm, torch.nn.Identity) and model.converted == 0

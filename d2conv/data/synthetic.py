@@ -228,7 +228,9 @@ def _params(**params) -> dict:
     return {"format": FORMAT, **DEFAULTS, **params}
 
 
-def generate(root, n_train=48, n_val=8, frames=20, height=64, width=96, seed=0) -> Path:
+def generate(root, n_train=DEFAULTS["n_train"], n_val=DEFAULTS["n_val"],
+             frames=DEFAULTS["frames"], height=DEFAULTS["height"], width=DEFAULTS["width"],
+             seed=DEFAULTS["seed"]) -> Path:
     """Write the dataset to ``root`` (built in ``root.tmp-<pid>``, then renamed; an existing
     ``root`` is replaced only if it holds a ``synthetic.json``). Returns ``root`` as a Path."""
     root = Path(root)
