@@ -1,5 +1,6 @@
-"""Where the time goes: each kernel alone at rf2 (bf16, xyz, mask), per config, and with parts of
-its work removed. One device call; prints a table (bench/NOTES.md quotes it).
+"""Where the time goes: each kernel alone at one shape of bench/test_kernels.py (default rf2;
+bf16, xyz, mask), per config, and with parts of its work removed. One device call; prints a
+table (bench/NOTES.md quotes it).
 
     PYTHONPATH=. python bench/ablate.py [--shape rf2] [--only FWD,BWD_DATA,BWD_WEIGHT]
 
@@ -23,9 +24,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from test_kernels import SHAPES     # bench/ is this script's directory
+
 REPO = Path(__file__).resolve().parents[1]
-SHAPES = {"rf2": (2, 256, 256, 4, 60, 108), "rf2_in512": (2, 512, 256, 4, 60, 108),
-          "rf3": (2, 256, 256, 2, 30, 54)}
 
 _GATHER_ONE = '''    value = tl.load(x_ptr + row0[:, None] + ch[None, :],
                     mask=(okz0 & oky0 & okx0)[:, None] & ch_ok[None, :], other=0.0)

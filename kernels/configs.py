@@ -34,14 +34,16 @@ def _cfg(num_warps, num_stages, **meta):
 
 
 # candidates per precision class, kept short: every config is a 4-20 s compile. Ordered by
-# their time at rf2 on an H100 (bench/ablate.py, bench/NOTES.md); the first of a class is what
+# their time at rf2 on an H100 (bench/ablate.py, bench/NOTES.md), but for the last 16-bit one of
+# each kernel, the best at the early shape (64 channels); the first of a class is what
 # D2CONV_AUTOTUNE=0 launches. "16-bit": bf16/fp16 on tensor cores; "tf32": fp32 inputs with TF32
 # allowed (tiles twice the bytes: smaller channel blocks); "ieee": strict fp32, whose tl.dot is
 # FMA code without tensor cores (small tiles, or the unrolled product spills).
 FWD = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64),
                   _cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=32),
                   _cfg(16, 1, BLOCK_M=128, BLOCK_N=256, BLOCK_C=32),
-                  _cfg(4, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32)],
+                  _cfg(4, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32),
+                  _cfg(4, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_C=32)],
        "tf32": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=32),
                 _cfg(8, 1, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32),
                 _cfg(4, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32)],
@@ -50,7 +52,8 @@ FWD = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64),
 BWD_DATA = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64),
                        _cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
                        _cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32),
-                       _cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32)],
+                       _cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32),
+                       _cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=16)],
             "tf32": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32),
                      _cfg(4, 1, BLOCK_M=32, BLOCK_O=64, BLOCK_C=32),
                      _cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32)],
@@ -59,7 +62,8 @@ BWD_DATA = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64),
 BWD_WEIGHT = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=64),
                          _cfg(8, 1, BLOCK_M=128, BLOCK_O=256, BLOCK_C=32),
                          _cfg(8, 2, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
-                         _cfg(8, 2, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64)],
+                         _cfg(8, 2, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64),
+                         _cfg(4, 2, BLOCK_M=64, BLOCK_O=64, BLOCK_C=64)],
               "tf32": [_cfg(8, 2, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
                        _cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32)],
               "ieee": [_cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=16),
