@@ -14,6 +14,7 @@ Prints one line per finished variant and a table sorted by the final IoU; ``--ou
 records (name, overrides, seconds, IoU per validation, J&F).
 """
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -22,26 +23,22 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-BACKBONE_KEYS = ("widths", "layers", "stem")
+BACKBONE_KEYS = {"widths": "widths", "layers": "layers", "stem": "stem_channels"}  # ir_csn_tiny's
 
 
 def train_one(name, overrides, run_root):
     """Train one variant in this process; returns its record."""
     import torch
-    from torch import nn
 
     from d2conv import model
-    from d2conv.backbones import IrCSN
+    from d2conv.backbones import ir_csn_tiny
     from d2conv.trainer import Trainer, make_config
 
     overrides = dict(overrides)
     shape = {k: overrides.pop(k) for k in BACKBONE_KEYS if k in overrides}
     if shape:               # a tiny backbone of another size, registered under its own name
-        widths, layers = shape.get("widths", (8, 16, 32, 64)), shape.get("layers", (1, 1, 1, 1))
-        stem = shape.get("stem", 8)
-        model.BACKBONES[f"sweep_{name}"] = lambda checkpoint=False: IrCSN(
-            list(layers), widths=tuple(widths), stem_channels=stem, checkpoint=checkpoint,
-            norm=lambda c: nn.BatchNorm3d(c, eps=1e-3))
+        size = {BACKBONE_KEYS[k]: v for k, v in shape.items()}
+        model.BACKBONES[f"sweep_{name}"] = functools.partial(ir_csn_tiny, **size)
         overrides["backbone"] = f"sweep_{name}"
     overrides.setdefault("amp", False)
     cfg = make_config("tiny", run_dir=os.path.join(run_root, name), **overrides)

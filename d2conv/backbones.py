@@ -149,10 +149,12 @@ def ir_csn_50(checkpoint: bool = False) -> IrCSN:
     return IrCSN([3, 4, 6, 3], checkpoint=checkpoint)
 
 
-def ir_csn_tiny(checkpoint: bool = False) -> IrCSN:
-    """One block per stage, stem 8, widths (8, 16, 32, 64): channels (32, 64, 128, 256).
+def ir_csn_tiny(checkpoint: bool = False, layers=(1, 1, 1, 1), widths=(8, 16, 32, 64),
+                stem_channels: int = 8) -> IrCSN:
+    """One block per stage, stem 8, widths (8, 16, 32, 64): channels (32, 64, 128, 256) (other
+    sizes for experiments, e.g. bench/sweep_tiny.py).
 
     It has no pretrained weights, so its BN layers train (frozen BN with default statistics
     would leave a network trained from scratch without any normalisation)."""
-    return IrCSN([1, 1, 1, 1], widths=(8, 16, 32, 64), stem_channels=8, checkpoint=checkpoint,
-                 norm=lambda c: nn.BatchNorm3d(c, eps=1e-3))
+    return IrCSN(list(layers), widths=tuple(widths), stem_channels=stem_channels,
+                 checkpoint=checkpoint, norm=lambda c: nn.BatchNorm3d(c, eps=1e-3))
