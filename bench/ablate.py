@@ -176,6 +176,7 @@ def main():
         }
 
     from kernels import configs
+    from kernels.forward import dot_precision
     kernels_of = {"FWD": ["FWD"], "BWD_DATA": ["BWD_DATA", "BWD_DATA(no input grad)",
                                                "BWD_DATA(input grad only)"],
                   "BWD_WEIGHT": ["BWD_WEIGHT"]}
@@ -193,7 +194,8 @@ def main():
     full = runs(variant("full", None))
     best = {}
     for kernel in only:
-        cls = {"bfloat16": "16-bit", "float32": "ieee", "float32-tf32": "tf32"}[args.dtype]
+        cls = configs.precision_class({"x_ptr": x, "DOT_PRECISION": dot_precision(
+            dt, backward=kernel != "FWD")})
         texts = ([] if args.extra_only else
                  [config_text(c) for c in configs.CANDIDATES[kernel][cls]])
         texts += extra.get(kernel, [])

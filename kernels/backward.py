@@ -255,7 +255,7 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
     needed (or has no input, as grad_bias without bias) is None. See ``deterministic`` for
     ``torch.use_deterministic_algorithms(True)``.
     """
-    args, x_cl, w_r = kernel_args(geo, input, coords, weight, mask, mode)
+    args, x_cl, w_r = kernel_args(geo, input, coords, weight, mask, mode, backward=True)
     dev, dtype = input.device, input.dtype
     reproducible = deterministic(dev, need_input)
     go = grad_out.permute(0, 2, 3, 4, 1).contiguous()

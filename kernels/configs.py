@@ -37,16 +37,19 @@ def _cfg(num_warps, num_stages, **meta):
 # their time at rf2 on an H100 (bench/ablate.py, bench/NOTES.md), but for the last 16-bit one of
 # each kernel, the best at the early shape (64 channels); the first of a class is what
 # D2CONV_AUTOTUNE=0 launches. "16-bit": bf16/fp16 on tensor cores; "tf32": fp32 inputs with TF32
-# allowed (tiles twice the bytes: smaller channel blocks); "ieee": strict fp32, whose tl.dot is
-# FMA code without tensor cores (small tiles, or the unrolled product spills).
+# allowed (tiles twice the bytes: smaller channel blocks); "tf32x3": strict fp32 on the tensor
+# cores (three TF32 products, more registers); "ieee": strict fp32, whose tl.dot is FMA code
+# without tensor cores (small tiles, or the unrolled product spills).
 FWD = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64),
                   _cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=32),
                   _cfg(16, 1, BLOCK_M=128, BLOCK_N=256, BLOCK_C=32),
                   _cfg(4, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32),
                   _cfg(4, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_C=32)],
        "tf32": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=32),
-                _cfg(8, 1, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32),
-                _cfg(4, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32)],
+                _cfg(4, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32),
+                _cfg(8, 1, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32)],
+       "tf32x3": [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_C=32),
+                  _cfg(8, 1, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32)],
        "ieee": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=128, BLOCK_C=16),
                 _cfg(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_C=16)]}
 BWD_DATA = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64),
@@ -57,6 +60,8 @@ BWD_DATA = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64),
             "tf32": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32),
                      _cfg(4, 1, BLOCK_M=32, BLOCK_O=64, BLOCK_C=32),
                      _cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32)],
+            "tf32x3": [_cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32),
+                       _cfg(4, 1, BLOCK_M=32, BLOCK_O=64, BLOCK_C=32)],
             "ieee": [_cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=16),
                      _cfg(4, 1, BLOCK_M=32, BLOCK_O=64, BLOCK_C=16)]}
 BWD_WEIGHT = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=64),
@@ -66,6 +71,8 @@ BWD_WEIGHT = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=64),
                          _cfg(4, 2, BLOCK_M=64, BLOCK_O=64, BLOCK_C=64)],
               "tf32": [_cfg(8, 2, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
                        _cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32)],
+              "tf32x3": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
+                         _cfg(8, 2, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32)],
               "ieee": [_cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=16),
                        _cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=16)]}
 CANDIDATES = {"FWD": FWD, "BWD_DATA": BWD_DATA, "BWD_WEIGHT": BWD_WEIGHT}
@@ -78,10 +85,11 @@ def all_candidates(kernel):
 
 
 def precision_class(args):
-    """ "16-bit", "tf32" or "ieee" for a launch's arguments (the input's dtype, DOT_PRECISION)."""
+    """ "16-bit", "tf32", "tf32x3" or "ieee" for a launch's arguments (the input's dtype,
+    DOT_PRECISION)."""
     if args["x_ptr"].dtype != torch.float32:
         return "16-bit"
-    return "tf32" if args["DOT_PRECISION"] == "tf32" else "ieee"
+    return args["DOT_PRECISION"]
 
 
 # under the interpreter: small blocks, so that tests with a few dozen channels run every loop

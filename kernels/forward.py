@@ -6,6 +6,7 @@ come from the size map inside the kernel).
     A[m, (k, c)] = mask[m, k, g(c)] * trilinear(input[n(m), c], position(m, k, g(c)))
 """
 import math
+import os
 
 import torch
 import triton
@@ -21,7 +22,7 @@ def d2conv_fwd_kernel(
     x_ptr,      # input, channels-last (N, T, H, W, C)
     coord_ptr,  # offset (N, G*K*3, To, Ho, Wo) or size (N, G*NS, To, Ho, Wo), contiguous
     mask_ptr,   # (N, G*K, To, Ho, Wo) contiguous, or any pointer when not HAS_MASK
-    w_ptr,      # weight (groups, K, Cg, Cog)
+    w_ptr,      # weight (groups, K, Cg, Cog), or (groups, K, Cog, Cg) when W_C_MAJOR
     b_ptr,      # bias (Co,), or any pointer when not HAS_BIAS
     out_ptr,    # (N, To, Ho, Wo, Co)
     M, C, T, H, W, To, Ho, Wo, Co, Cg, Cog, Cpg, SEG, G, COORD_CH, M_BUCKET,
@@ -31,6 +32,7 @@ def d2conv_fwd_kernel(
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     IS_OFFSET: tl.constexpr, SZ_CH: tl.constexpr, SY_CH: tl.constexpr, SX_CH: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    W_C_MAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     K: tl.constexpr = KD * KH * KW
@@ -68,13 +70,17 @@ def d2conv_fwd_kernel(
                     coord_ptr, coord_row, mask_ptr, mask_row, L, m_ok, n64, i, j, l, to, ho, wo,
                     s_z, s_y, s_x, C, T, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
                     IS_OFFSET, HAS_MASK, TAPS)
-                w_row = (gr * K + k) * Cg + seg * SEG
+                w_kc = (gr * K + k) * Cg * Cog + seg * SEG * (1 if W_C_MAJOR else Cog)
                 for c0 in range(0, SEG, BLOCK_C):
                     ch_ok = c0 + offs_c < SEG
                     a = gather_tile(x_ptr, row0, c_first + c0 + offs_c, ch_ok, H * W * C, W * C, C,
                                     fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, scale, TAPS)
-                    w_tile = tl.load(w_ptr + (w_row + c0 + offs_c)[:, None] * Cog + offs_o[None, :],
-                                     mask=ch_ok[:, None] & o_ok[None, :], other=0.0)
+                    if W_C_MAJOR:   # channels contiguous
+                        w_off = (c0 + offs_c)[:, None] + offs_o[None, :] * Cg
+                    else:
+                        w_off = (c0 + offs_c)[:, None] * Cog + offs_o[None, :]
+                    w_tile = tl.load(w_ptr + w_kc + w_off, mask=ch_ok[:, None] & o_ok[None, :],
+                                     other=0.0)
                     acc = tl.dot(a.to(w_tile.dtype), w_tile, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
@@ -88,16 +94,27 @@ d2conv_fwd_tuned = triton.autotune(configs.all_candidates("FWD"), key=configs.KE
     d2conv_fwd_kernel)
 
 
-def dot_precision(dtype):
-    """IEEE fp32 unless PyTorch allows TF32 for matmuls; irrelevant for 16-bit inputs."""
+def dot_precision(dtype, backward=False):
+    """tl.dot's input_precision for fp32 inputs: "tf32" when PyTorch allows TF32 for matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``, or a float32 matmul precision other than
+    "highest"). Otherwise fp32 accuracy, by the faster of two ways measured on an H100
+    (bench/NOTES.md): "ieee" (FMA code on the CUDA cores) for the forward, "tf32x3" (three TF32
+    products per product on the tensor cores, as accurate as fp32: bench/precision.py) for the
+    backward; D2CONV_FP32_DOT=ieee or tf32x3 picks one for all three kernels. Irrelevant for
+    16-bit inputs."""
     if dtype != torch.float32:
         return "ieee"
-    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
-    return "tf32" if tf32 else "ieee"
+    if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    strict = os.environ.get("D2CONV_FP32_DOT", "")
+    if strict not in ("", "ieee", "tf32x3"):
+        raise ValueError(f"D2CONV_FP32_DOT must be 'ieee' or 'tf32x3', got {strict!r}")
+    return strict or ("tf32x3" if backward else "ieee")
 
 
-def kernel_args(geo, input, coords, weight, mask, mode):
-    """Arguments shared by all three kernels, and the channels-last input / reshaped weight.
+def kernel_args(geo, input, coords, weight, mask, mode, backward=False):
+    """Arguments shared by all three kernels (``backward``: by the two backward kernels), and the
+    channels-last input / reshaped weight.
 
     Returns (args, x_cl, w_r): x_cl (N, T, H, W, C); w_r (groups, K, Cg, Cog).
     """
@@ -120,7 +137,7 @@ def kernel_args(geo, input, coords, weight, mask, mode):
         PD=geo.padding[0], PH=geo.padding[1], PW=geo.padding[2],
         DD=geo.dilation[0], DH=geo.dilation[1], DW=geo.dilation[2],
         IS_OFFSET=mode == "offset", SZ_CH=axes[0], SY_CH=axes[1], SX_CH=axes[2],
-        HAS_MASK=mask is not None, DOT_PRECISION=dot_precision(input.dtype),
+        HAS_MASK=mask is not None, DOT_PRECISION=dot_precision(input.dtype, backward),
     )
     return args, x_cl, w_r
 
@@ -133,7 +150,14 @@ def d2conv_fwd(geo, input, coords, weight, bias, mask, mode):
     # that callers may modify it in place (an inplace ReLU after the op)
     out = torch.empty((input.shape[0], geo.Co, *geo.out), device=input.device, dtype=input.dtype,
                       memory_format=torch.channels_last_3d)
+    # TF32 tensor-core products take the weight tile with its reduction axis (input channels)
+    # contiguous, else Triton transposes each tile through shared memory (rf2, H100: 5.4 -> 2.6
+    # ms); 16-bit and FMA products keep the layout they were tuned with (Cog contiguous)
+    w_c_major = args["DOT_PRECISION"] != "ieee" and input.dtype == torch.float32
+    if w_c_major:
+        w_r = w_r.transpose(2, 3).contiguous()
     args.update(w_ptr=w_r, b_ptr=bias if bias is not None else w_r, out_ptr=out,
+                W_C_MAJOR=w_c_major,
                 HAS_BIAS=bias is not None)
 
     def grid(meta):

@@ -211,3 +211,21 @@ def test_wide_channels_on_gpu(dtype):
     """The default (large-block) configs with hundreds of channels and several tiles."""
     case = Case(N=1, C=256, T=2, H=9, W=14, Co=256, mode="xyz")
     check_against_reference(case, dtype=dtype, tol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+_XYZ = Case(N=2, C=18, T=2, H=4, W=5, Co=20, mode="xyz")
+_GROUPED = Case(N=1, C=12, T=2, H=4, W=5, Co=8, groups=2, G=3, mode="offset")
+
+
+@pytest.mark.parametrize("precision, case", [("tf32", _XYZ), ("tf32", _GROUPED),
+                                             ("tf32x3", _XYZ), ("ieee", _GROUPED)], ids=str)
+def test_fp32_products(precision, case, monkeypatch):
+    """fp32's other products (the default is IEEE forward, three TF32 products backward): TF32
+    when PyTorch allows it (TF32's error), D2CONV_FP32_DOT=tf32x3 or ieee in all three kernels
+    (fp32's). The TF32 forward reads the weights with input channels contiguous; the interpreter
+    checks that indexing (it multiplies in fp32 whatever the precision)."""
+    if precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True     # conftest's ieee_fp32 restores it
+    else:
+        monkeypatch.setenv("D2CONV_FP32_DOT", precision)
+    check_against_reference(case, tol=1e-2 if precision == "tf32" and ON_GPU else 1e-5)

@@ -129,7 +129,7 @@ def test_prune_fits_blocks_to_the_shape():
 
 @pytest.mark.parametrize("dtype, precision, expected", [
     (torch.bfloat16, "ieee", "16-bit"), (torch.float32, "tf32", "tf32"),
-    (torch.float32, "ieee", "ieee")])
+    (torch.float32, "tf32x3", "tf32x3"), (torch.float32, "ieee", "ieee")])
 def test_prune_keeps_the_precision_class(dtype, precision, expected):
     """Strict fp32 (FMA code) and TF32 get their own small-tile candidates, 16-bit the large ones."""
     args = {"x_ptr": torch.empty(1, dtype=dtype), "DOT_PRECISION": precision, "Cog": 256,
@@ -190,3 +190,22 @@ def test_deterministic_backward_is_bitwise_reproducible(deterministic_algorithms
     with pytest.raises(RuntimeError, match="deterministic"):
         out = apply(case, x.requires_grad_(), size, w, b, m)
         torch.autograd.grad(out, [x], torch.ones_like(out))
+
+
+def test_fp32_precision_choice(monkeypatch):
+    """Strict fp32: IEEE forward and three-TF32 backward unless D2CONV_FP32_DOT picks one; TF32
+    when PyTorch allows it; a bad choice is an error naming the variable."""
+    from kernels.forward import dot_precision
+    monkeypatch.delenv("D2CONV_FP32_DOT", raising=False)
+    assert (dot_precision(torch.float32), dot_precision(torch.float32, backward=True)) == (
+        "ieee", "tf32x3")
+    monkeypatch.setenv("D2CONV_FP32_DOT", "ieee")
+    assert dot_precision(torch.float32, backward=True) == "ieee"
+    monkeypatch.setenv("D2CONV_FP32_DOT", "tf32x3")
+    assert dot_precision(torch.float32) == "tf32x3"
+    monkeypatch.setenv("D2CONV_FP32_DOT", "fast")
+    with pytest.raises(ValueError, match="D2CONV_FP32_DOT"):
+        dot_precision(torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = True     # conftest's ieee_fp32 restores it
+    assert dot_precision(torch.float32) == "tf32"
+    assert dot_precision(torch.bfloat16) == "ieee"
