@@ -23,6 +23,7 @@ from .sampling import (class_point, class_points, gather_dot, gather_tile, kerne
                        load_sizes, scatter_tile)
 
 
+@triton.heuristics({"GO_RESIDENT": lambda a: a["BLOCK_O"] >= a["Cog"] and a["Cg"] == a["C"]})
 @triton.jit
 def d2conv_bwd_data_kernel(
     x_ptr,       # input, channels-last (N, T, H, W, C)
@@ -42,6 +43,7 @@ def d2conv_bwd_data_kernel(
     HAS_MASK: tl.constexpr, NEED_INPUT: tl.constexpr, NEED_COORD: tl.constexpr,
     NEED_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+    GO_RESIDENT: tl.constexpr,   # one conv group and one output-channel block: load grad_out once
 ):
     K: tl.constexpr = KD * KH * KW
     pid_m = tl.program_id(0)
@@ -63,6 +65,9 @@ def d2conv_bwd_data_kernel(
     coord_row = (n64 * COORD_CH + g * (COORD_CH // G)) * L + sp
     mask_row = (n64 * (G * K) + g * K) * L + sp
     s_z, s_y, s_x = load_sizes(coord_ptr, coord_row, L, m_ok, SZ_CH, SY_CH, SX_CH)
+    if GO_RESIDENT:
+        go_all = tl.load(go_ptr + go_row[:, None] + offs_o[None, :],
+                         mask=m_ok[:, None] & (offs_o < Cog)[None, :], other=0.0)
     gs_z = tl.zeros((BLOCK_M,), tl.float32)     # D²Conv: gradient of each axis' scale
     gs_y = tl.zeros((BLOCK_M,), tl.float32)
     gs_x = tl.zeros((BLOCK_M,), tl.float32)
@@ -86,14 +91,20 @@ def d2conv_bwd_data_kernel(
                 for c0 in range(0, SEG, BLOCK_C):
                     ch_ok = c0 + offs_c < SEG
                     gcol = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-                    for o0 in range(0, Cog, BLOCK_O):
-                        o_ok = o0 + offs_o < Cog
-                        go = tl.load(go_ptr + go_row[:, None] + (gr * Cog + o0 + offs_o)[None, :],
-                                     mask=m_ok[:, None] & o_ok[None, :], other=0.0)
-                        wt = tl.load(w_ptr + (w_row + c0 + offs_c)[None, :] * Cog
-                                     + (o0 + offs_o)[:, None],
-                                     mask=o_ok[:, None] & ch_ok[None, :], other=0.0)
-                        gcol = tl.dot(go, wt, gcol, input_precision=DOT_PRECISION)
+                    if GO_RESIDENT:
+                        wt = tl.load(w_ptr + (w_row + c0 + offs_c)[None, :] * Cog + offs_o[:, None],
+                                     mask=(offs_o < Cog)[:, None] & ch_ok[None, :], other=0.0)
+                        gcol = tl.dot(go_all, wt, gcol, input_precision=DOT_PRECISION)
+                    else:
+                        for o0 in range(0, Cog, BLOCK_O):
+                            o_ok = o0 + offs_o < Cog
+                            go = tl.load(go_ptr + go_row[:, None]
+                                         + (gr * Cog + o0 + offs_o)[None, :],
+                                         mask=m_ok[:, None] & o_ok[None, :], other=0.0)
+                            wt = tl.load(w_ptr + (w_row + c0 + offs_c)[None, :] * Cog
+                                         + (o0 + offs_o)[:, None],
+                                         mask=o_ok[:, None] & ch_ok[None, :], other=0.0)
+                            gcol = tl.dot(go, wt, gcol, input_precision=DOT_PRECISION)
                     if NEED_COORD or NEED_MASK:
                         d_m, d_z, d_y, d_x = gather_dot(
                             x_ptr, row0, c_first + c0 + offs_c, ch_ok, H * W * C, W * C, C, gcol,
