@@ -1,7 +1,8 @@
 """How accurate each fp32 tile product is: d2conv3d (xyz, mask, sizes in [0.5, 3]) in fp32 with
-tl.dot's "ieee" (FMA), "tf32x3" (three TF32 products), the default (both) and "tf32" (TF32
-allowed), and the PyTorch reference in fp32, against the float64 reference: max |error| / max |reference|
-of the output and of every gradient. One device call; prints a table (bench/NOTES.md quotes it).
+tl.dot's "ieee" (FMA), "tf32x3" (three TF32 products), the default (IEEE forward, tf32x3
+backward) and "tf32" (TF32 allowed), and the PyTorch reference in fp32, against the float64
+reference: max |error| / max |reference| of the output and of every gradient. One device call;
+prints a table (bench/NOTES.md quotes it).
 
     PYTHONPATH=. python bench/precision.py [--channels 256] [--size 4,30,54] [--seeds 3]
 """
@@ -59,8 +60,8 @@ def main():
             for name, a, r in zip(names, got, ref):
                 err = ((a.double() - r).abs().max() / r.abs().max()).item()
                 worst[label, name] = max(worst.get((label, name), 0.0), err)
-    print(torch.cuda.get_device_name() if dev == "cuda" else "CPU (Triton interpreter)", torch.__version__, f"C={C}", f"T,H,W={T},{H},{W}",
-          f"seeds={args.seeds}")
+    where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (Triton interpreter)"
+    print(where, torch.__version__, f"C={C}", f"T,H,W={T},{H},{W}", f"seeds={args.seeds}")
     print("| op | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for label in dict.fromkeys(k[0] for k in worst):
