@@ -153,7 +153,7 @@ def d2conv_fwd(geo, input, coords, weight, bias, mask, mode):
     # TF32 tensor-core products take the weight tile with its reduction axis (input channels)
     # contiguous, else Triton transposes each tile through shared memory (rf2, H100: 5.4 -> 2.6
     # ms); 16-bit and FMA products keep the layout they were tuned with (Cog contiguous)
-    w_c_major = args["DOT_PRECISION"] != "ieee" and input.dtype == torch.float32
+    w_c_major = args["DOT_PRECISION"] in ("tf32", "tf32x3")     # "ieee" for every 16-bit dtype
     if w_c_major:
         w_r = w_r.transpose(2, 3).contiguous()
     args.update(w_ptr=w_r, b_ptr=bias if bias is not None else w_r, out_ptr=out,
