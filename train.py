@@ -46,6 +46,8 @@ def parse_args(argv=None):
                    help="switch off flips, scale jitter and crops")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--log-every", type=int,
+                   help="optimizer steps between log lines (log.jsonl, TensorBoard, progress bar)")
     return p.parse_args(argv)
 
 
@@ -55,7 +57,7 @@ def main(argv=None):
                      backbone_weights=args.backbone_weights, decoder_conv=args.decoder_conv,
                      batch_size=args.batch_size, lr=args.lr, loss=args.loss,
                      optimizer=args.optimizer, scheduler=args.scheduler, augment=args.augment,
-                     workers=args.workers, seed=args.seed)
+                     workers=args.workers, seed=args.seed, log_every=args.log_every)
     if args.resume:
         if not args.run_dir:
             sys.exit("--resume needs --run-dir")
@@ -65,6 +67,7 @@ def main(argv=None):
         saved = torch.load(last, map_location="cpu", weights_only=False)["config"]
         preset = args.preset or saved.pop("preset")
         saved.pop("preset", None)
+        saved["run_dir"] = args.run_dir         # the folder resumed from, also when moved or copied
         cfg = make_config(preset, **{**saved, **{k: v for k, v in overrides.items() if v is not None}})
     else:
         preset = args.preset or ("paper" if torch.cuda.is_available() else "tiny")
@@ -86,10 +89,10 @@ def main(argv=None):
     finally:
         trainer.close()
     if trainer.main:
-        last = summary["last"] or {}
-        print(f"step {summary['step']}: validation J&F {last.get('J&F', float('nan')):.3f} "
-              f"(J {last.get('J', float('nan')):.3f}, F {last.get('F', float('nan')):.3f}, "
-              f"foreground IoU {last.get('iou', float('nan')):.3f}); best J&F {summary['best_jf']:.3f}")
+        last = summary["last"]
+        scores = (f"validation J&F {last['J&F']:.3f} (J {last['J']:.3f}, F {last['F']:.3f}, "
+                  f"foreground IoU {last['iou']:.3f})" if last else "no validation in this run")
+        print(f"step {summary['step']}: {scores}; best J&F {summary['best_jf']:.3f}")
         print(f"checkpoint: {summary['checkpoint']} (last: {cfg.run_dir}/last.pt)")
     return 0
 

@@ -175,8 +175,9 @@ def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():   # a checkpoint from a host with more GPUs sets those present
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def dataset_root(data):
@@ -279,7 +280,8 @@ class Trainer:
         return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                     scheduler=self.scheduler.state_dict(), scaler=None, rng=rng_state(),
                     step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
-                    best=self.best, config=asdict(self.cfg))
+                    clips_in_epoch=self.batch_in_epoch * self.cfg.batch_size * self.world,
+                    world=self.world, best=self.best, config=asdict(self.cfg))
 
     def save(self, name):
         if self.main:
@@ -294,8 +296,19 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.batch_in_epoch, self.best = state["batch_in_epoch"], state["best"]
+        self.step, self.epoch, self.best = state["step"], state["epoch"], state["best"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        clips = state.get("clips_in_epoch")
+        global_batch = self.cfg.batch_size * self.world
+        if clips is not None and clips != self.batch_in_epoch * global_batch:
+            # another global batch (other GPU count or batch size): go on at the same clip of
+            # the epoch's permutation (to a whole batch: a few may repeat, none is skipped)
+            self.batch_in_epoch = clips // global_batch
+            if self.main:
+                saved = state["config"]["batch_size"] * state["world"]
+                print(f"resume: {clips} clips of epoch {self.epoch + 1} were done at a global "
+                      f"batch of {saved}; going on at batch {self.batch_in_epoch} of "
+                      f"{global_batch} clips")
 
     def log(self, **entry):
         if not self.main:
@@ -358,6 +371,9 @@ class Trainer:
                     self.batch_in_epoch += 1
                     clips += batch["clip"].shape[0] * self.world
                     if self.step % cfg.log_every == 0 or self._done():
+                        if self.world > 1:     # log the global batch's loss, not rank 0's share
+                            dist.all_reduce(loss)            # a sum (gloo has no AVG)
+                            loss /= self.world
                         rate = clips / (time.time() - tick)       # since the last log line
                         tick, clips = time.time(), 0
                         lr = self.optimizer.param_groups[0]["lr"]

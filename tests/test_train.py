@@ -2,6 +2,7 @@
 and a 2-process gloo DDP run through torchrun."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,28 @@ def test_epoch_sampler_splits_and_resumes():
     other = EpochSampler(23, 3, seed=1, rank=0, world=2)
     other.set_epoch(1)
     assert list(other) != full[0]
+
+
+def test_resume_at_another_global_batch_goes_on_at_the_same_clip(videos, tmp_path, monkeypatch,
+                                                                  capsys):
+    """A run saved at batch 2 and resumed at batch 4 (as from 2 GPUs to 1 at batch 2 each)
+    goes on after the clips already done: 4 clips = 1 batch of 4, not 2."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.main(args(videos, tmp_path / "first", "--max-steps", "2")) == 0
+    saved = weights(tmp_path / "first")
+    assert (saved["batch_in_epoch"], saved["clips_in_epoch"], saved["world"]) == (2, 4, 1)
+    # a copied run resumes in the copy, not in the folder its config names
+    shutil.copytree(tmp_path / "first", tmp_path / "copy")
+    assert train.main(args(videos, tmp_path / "copy", "--resume", "--batch-size", "4",
+                           "--max-steps", "3")) == 0
+    assert "4 clips of epoch 1 were done at a global batch of 2" in capsys.readouterr().out
+    state = weights(tmp_path / "copy")  # 10 clips at batch 4: 2 batches, so the epoch is done
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (3, 1, 0)
+    assert weights(tmp_path / "first")["step"] == 2
+    # and the clips: the first batch of 4 is the first two batches of 2
+    small, large = EpochSampler(10, 2, seed=3), EpochSampler(10, 4, seed=3)
+    large.set_epoch(0, start_batch=1)
+    assert list(large) == list(small)[4:8]
 
 
 def test_two_process_gloo_ddp(videos, tmp_path):
