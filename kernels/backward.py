@@ -91,20 +91,16 @@ def d2conv_bwd_data_kernel(
                 for c0 in range(0, SEG, BLOCK_C):
                     ch_ok = c0 + offs_c < SEG
                     gcol = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-                    if GO_RESIDENT:
-                        wt = tl.load(w_ptr + (w_row + c0 + offs_c)[None, :] * Cog + offs_o[:, None],
-                                     mask=(offs_o < Cog)[:, None] & ch_ok[None, :], other=0.0)
-                        gcol = tl.dot(go_all, wt, gcol, input_precision=DOT_PRECISION)
-                    else:
-                        for o0 in range(0, Cog, BLOCK_O):
-                            o_ok = o0 + offs_o < Cog
-                            go = tl.load(go_ptr + go_row[:, None]
-                                         + (gr * Cog + o0 + offs_o)[None, :],
-                                         mask=m_ok[:, None] & o_ok[None, :], other=0.0)
-                            wt = tl.load(w_ptr + (w_row + c0 + offs_c)[None, :] * Cog
-                                         + (o0 + offs_o)[:, None],
-                                         mask=o_ok[:, None] & ch_ok[None, :], other=0.0)
-                            gcol = tl.dot(go, wt, gcol, input_precision=DOT_PRECISION)
+                    # one block when resident (BLOCK_O >= Cog, a compile-time bound)
+                    for o0 in range(0, BLOCK_O if GO_RESIDENT else Cog, BLOCK_O):
+                        o_ok = o0 + offs_o < Cog
+                        go = go_all if GO_RESIDENT else tl.load(
+                            go_ptr + go_row[:, None] + (gr * Cog + o0 + offs_o)[None, :],
+                            mask=m_ok[:, None] & o_ok[None, :], other=0.0)
+                        wt = tl.load(w_ptr + (w_row + c0 + offs_c)[None, :] * Cog
+                                     + (o0 + offs_o)[:, None],
+                                     mask=o_ok[:, None] & ch_ok[None, :], other=0.0)
+                        gcol = tl.dot(go, wt, gcol, input_precision=DOT_PRECISION)
                     if NEED_COORD or NEED_MASK:
                         d_m, d_z, d_y, d_x = gather_dot(
                             x_ptr, row0, c_first + c0 + offs_c, ch_ok, H * W * C, W * C, C, gcol,

@@ -116,7 +116,8 @@ def kernel_args(geo, input, coords, weight, mask, mode, backward=False):
     """Arguments shared by all three kernels (``backward``: by the two backward kernels), and the
     channels-last input / reshaped weight.
 
-    Returns (args, x_cl, w_r): x_cl (N, T, H, W, C); w_r (groups, K, Cg, Cog).
+    Returns (args, x_cl, w_r): x_cl (N, T, H, W, C); w_r (groups, K, Cg, Cog), or (groups, K,
+    Cog, Cg) for a forward with TF32 products (``args["W_C_MAJOR"]``, see ``d2conv_fwd``).
     """
     N, C, T, H, W = input.shape
     To, Ho, Wo = geo.out
@@ -124,7 +125,14 @@ def kernel_args(geo, input, coords, weight, mask, mode, backward=False):
     Cg, Cog, Cpg = C // groups, Co // groups, C // G
     M = N * To * Ho * Wo
     x_cl = input.permute(0, 2, 3, 4, 1).contiguous()
-    w_r = weight.reshape(groups, Cog, Cg, K).permute(0, 3, 2, 1).contiguous()
+    precision = dot_precision(input.dtype, backward)
+    # TF32 tensor-core products in the forward take the weight tile with its reduction axis
+    # (input channels) contiguous, else Triton transposes each tile through shared memory (rf2,
+    # H100: 5.4 -> 2.6 ms); 16-bit and FMA products keep the layout they were tuned with (Cog
+    # contiguous); the data kernel's product already reads it K-major
+    w_c_major = not backward and precision in ("tf32", "tf32x3")    # never for 16-bit dtypes
+    w_r = weight.reshape(groups, Cog, Cg, K)
+    w_r = (w_r.permute(0, 3, 1, 2) if w_c_major else w_r.permute(0, 3, 2, 1)).contiguous()
     axes = (-1, -1, -1) if mode == "offset" else tuple(-1 if a is None else a for a in SIZE_AXES[mode])
     args = dict(
         x_ptr=x_cl, coord_ptr=coords.contiguous(),
@@ -137,8 +145,10 @@ def kernel_args(geo, input, coords, weight, mask, mode, backward=False):
         PD=geo.padding[0], PH=geo.padding[1], PW=geo.padding[2],
         DD=geo.dilation[0], DH=geo.dilation[1], DW=geo.dilation[2],
         IS_OFFSET=mode == "offset", SZ_CH=axes[0], SY_CH=axes[1], SX_CH=axes[2],
-        HAS_MASK=mask is not None, DOT_PRECISION=dot_precision(input.dtype, backward),
+        HAS_MASK=mask is not None, DOT_PRECISION=precision,
     )
+    if not backward:
+        args["W_C_MAJOR"] = w_c_major
     return args, x_cl, w_r
 
 
@@ -150,14 +160,7 @@ def d2conv_fwd(geo, input, coords, weight, bias, mask, mode):
     # that callers may modify it in place (an inplace ReLU after the op)
     out = torch.empty((input.shape[0], geo.Co, *geo.out), device=input.device, dtype=input.dtype,
                       memory_format=torch.channels_last_3d)
-    # TF32 tensor-core products take the weight tile with its reduction axis (input channels)
-    # contiguous, else Triton transposes each tile through shared memory (rf2, H100: 5.4 -> 2.6
-    # ms); 16-bit and FMA products keep the layout they were tuned with (Cog contiguous)
-    w_c_major = args["DOT_PRECISION"] in ("tf32", "tf32x3")     # "ieee" for every 16-bit dtype
-    if w_c_major:
-        w_r = w_r.transpose(2, 3).contiguous()
     args.update(w_ptr=w_r, b_ptr=bias if bias is not None else w_r, out_ptr=out,
-                W_C_MAJOR=w_c_major,
                 HAS_BIAS=bias is not None)
 
     def grid(meta):

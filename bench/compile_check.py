@@ -1,0 +1,102 @@
+"""Compile the three kernels for a GPU target without a GPU (Triton's bundled compiler) and print
+each config's registers, spills and shared memory: a quick check of a kernel edit on a CPU
+machine before device time is spent.
+
+    python bench/compile_check.py [--shape rf2] [--dtype bfloat16] [--arch 90]
+"""
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels import backward, configs, forward
+from kernels.checks import check_args
+
+SHAPES = {"rf2": (2, 256, 256, 4, 60, 108), "early": (2, 64, 64, 8, 60, 108), "tiny": (1, 8, 8, 2, 4, 5)}
+TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+
+
+def captured_launches(shape, dtype, mode="xyz"):
+    """(kernel name, jit function, args) of each launch of a forward and backward, captured."""
+    N, C, Co, T, H, W = shape
+    x = torch.zeros(N, C, T, H, W, dtype=dtype)
+    coords = torch.ones(N, 3, T, H, W, dtype=dtype)
+    weight = torch.zeros(Co, C, 3, 3, 3, dtype=dtype)
+    mask = torch.ones(N, 27, T, H, W, dtype=dtype)
+    geo = check_args(x, coords, weight, None, 1, 1, 1, mask, 1, mode)
+    seen = []
+
+    def launch(kernel_fn, tuned_fn, name, grid, args):
+        seen.append((name, kernel_fn, dict(args)))
+
+    real = configs.launch
+    configs.launch = launch
+    try:
+        forward.d2conv_fwd(geo, x, coords, weight, None, mask, mode)
+        go = torch.zeros(N, Co, *geo.out, dtype=dtype)
+        backward.d2conv_bwd(geo, go, x, coords, weight, mask, mode, False, True, True, True, True)
+    finally:
+        configs.launch = real
+    return seen
+
+
+def compile_one(kernel, args, config, arch):
+    values = {**args, **config.kwargs}
+    fn = kernel
+    while not isinstance(fn, triton.runtime.JITFunction):        # through triton.heuristics
+        for name, rule in getattr(fn, "values", {}).items():
+            values[name] = rule(values)
+        fn = fn.fn
+    signature, constexprs = {}, {}
+    for p in fn.params:
+        v = values[p.name]
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = v
+        elif isinstance(v, torch.Tensor):
+            signature[p.name] = TYPES[v.dtype]
+        else:
+            signature[p.name] = "i32" if abs(int(v)) < 2**31 else "i64"
+    src = ASTSource(fn, signature, constexprs=constexprs)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def resources(compiled):
+    """(registers, stack + local bytes a thread: spills land there) from cuobjdump -res-usage on
+    the cubin (loading it, for n_regs, needs a GPU)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) .*LOCAL:(\d+)", out)
+    return ((int(found.group(1)), int(found.group(2)) + int(found.group(3))) if found
+            else (-1, -1))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="rf2", choices=SHAPES)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--arch", type=int, default=90)
+    a = p.parse_args()
+    dtype = getattr(torch, a.dtype)
+    for name, kernel, args in captured_launches(SHAPES[a.shape], dtype):
+        for config in configs.CANDIDATES[name][configs.precision_class(args)]:
+            config = configs._fit(config, args)
+            compiled = compile_one(kernel, args, config, a.arch)
+            regs, local = resources(compiled)
+            print(f"{name:10} {str(config.kwargs):50} w{config.num_warps} s{config.num_stages}: "
+                  f"{regs} regs, {local} B stack/local (spills), {compiled.metadata.shared} B shared")
+
+
+if __name__ == "__main__":
+    main()
