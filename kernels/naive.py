@@ -8,6 +8,8 @@ Autograd through it gives exactly the gradient convention of SPEC §1.1: ``floor
 gradient, so the derivative is taken with the corner held fixed (the right derivative at integer
 coordinates) and corners outside the volume contribute nothing.
 """
+import itertools
+
 import torch
 
 from .checks import SIZE_AXES, SIZE_CHANNELS, check_args, triple
@@ -58,7 +60,13 @@ def d2conv3d(input, size, weight, bias=None, stride=1, padding=0, dilation=1, ma
     # offsets in at least float32, as the kernels compute them from the size map
     size = size.to(torch.promote_types(size.dtype, torch.float32))
     offset = offsets_from_size(size, geo.kernel, geo.dilation, mode)
-    return _deform_conv3d(geo, input, offset, weight, bias, mask)
+    # an axis whose kernel index is the centre, or that has no size in this mode, keeps its
+    # offset at zero: its samples sit on integers, so one corner (not two) gives the value and
+    # the (zero) gradient there
+    fixed = [[index == k // 2 or axis is None
+              for index, k, axis in zip(point, geo.kernel, SIZE_AXES[mode])]
+             for point in itertools.product(*map(range, geo.kernel))]
+    return _deform_conv3d(geo, input, offset, weight, bias, mask, fixed)
 
 
 class _Blend(torch.autograd.Function):
@@ -90,7 +98,9 @@ class _Blend(torch.autograd.Function):
         return grad_vol, None, grad_weight
 
 
-def _deform_conv3d(geo, input, offset, weight, bias, mask):
+def _deform_conv3d(geo, input, offset, weight, bias, mask, fixed=None):
+    """``fixed``: per kernel point, the axes (t, y, x) whose offset is zero by construction
+    (D²Conv), sampled with one corner instead of two; None: every axis takes two."""
     N, C, T, H, W = input.shape
     G, K, groups = geo.offset_groups, geo.K, geo.groups
     To, Ho, Wo = geo.out
@@ -118,24 +128,37 @@ def _deform_conv3d(geo, input, offset, weight, bias, mask):
         f = p - p0
         i = torch.stack([p0, p0 + 1])                                         # (2, N, G, K, L)
         corners.append((i.clamp(0, n - 1).long(), torch.stack([1 - f, f]) * ((i >= 0) & (i < n))))
-    (iz, wz), (iy, wy), (ix, wx) = corners
-    # the 8 corners, j = 4*cz + 2*cy + cx, as (8, N, L, K, G); the mask folds into the (small)
-    # corner weights
-    index = ((iz[:, None, None] * H + iy[None, :, None]) * W + ix[None, None, :]).view(8, N, G, K, L)
-    weights = (wz[:, None, None] * wy[None, :, None] * wx[None, None, :]).view(8, N, G, K, L)
-    if mask is not None:
-        weights = weights * mask.reshape(N, G, K, L)
-    index, weights = index.permute(0, 1, 4, 3, 2), weights.permute(0, 1, 4, 3, 2)
+    if mask is not None:        # folds into the (small) corner weights of one axis
+        ix, wx = corners[2]
+        corners[2] = ix, wx * mask.reshape(N, G, K, L)
     # rows of a channels-last volume (N*G*T*H*W, C/G)
     vol = input.reshape(N, G, C // G, T * H * W).transpose(2, 3).reshape(-1, C // G)
-    rows = index + (torch.arange(N * G, device=device) * (T * H * W)).view(N, 1, 1, G)
-    cols = _Blend.apply(vol, rows.reshape(8, -1), weights.reshape(8, -1))  # (N*L*K*G, C/G)
-
-    # out (N, Co, L) = W (groups, Co/groups, C/groups * K) . cols, as one GEMM per group
+    first_row = (torch.arange(N * G, device=device) * (T * H * W)).view(N, G, 1, 1)
+    # out (N, Co, L) = W (groups, Co/groups, C/groups * K) . cols, one GEMM per conv group, summed
+    # over the sets of kernel points that take the same corners
     Cgr = C // groups
-    cols = cols.view(N * L, K, groups, Cgr).permute(2, 0, 1, 3).reshape(groups, N * L, K * Cgr)
-    w = weight.reshape(groups, -1, Cgr, K).permute(0, 3, 2, 1).reshape(groups, K * Cgr, -1)
-    out = torch.bmm(cols, w).view(groups, N, L, -1).permute(1, 0, 3, 2).reshape(N, -1, To, Ho, Wo)
+    w = weight.reshape(groups, -1, Cgr, K).permute(0, 3, 2, 1)            # (groups, K, Cgr, Cog)
+    point_sets = {}
+    for k in range(K):
+        point_sets.setdefault(tuple(fixed[k]) if fixed else (False,) * 3, []).append(k)
+    out = None
+    for axes_fixed, ks in point_sets.items():
+        ks = torch.tensor(ks, device=device)
+        (iz, wz), (iy, wy), (ix, wx) = (
+            (i.index_select(3, ks)[:1 if one else 2], wt.index_select(3, ks)[:1 if one else 2])
+            for (i, wt), one in zip(corners, axes_fixed))
+        # the J corners, j = (cz, cy, cx), as (J, N, L, k, G)
+        index = (iz[:, None, None] * H + iy[None, :, None]) * W + ix[None, None, :]
+        weights = wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
+        rows = (index + first_row).flatten(0, 2).permute(0, 1, 4, 3, 2)
+        weights = weights.flatten(0, 2).permute(0, 1, 4, 3, 2)
+        cols = _Blend.apply(vol, rows.reshape(rows.shape[0], -1),
+                            weights.reshape(rows.shape[0], -1))          # (N*L*k*G, C/G)
+        cols = cols.view(N * L, len(ks), groups, Cgr).permute(2, 0, 1, 3)
+        part = torch.bmm(cols.reshape(groups, N * L, -1),
+                         w.index_select(1, ks).reshape(groups, len(ks) * Cgr, -1))
+        out = part if out is None else out + part
+    out = out.view(groups, N, L, -1).permute(1, 0, 3, 2).reshape(N, -1, To, Ho, Wo)
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1, 1)
     return out.to(out_dtype)

@@ -101,3 +101,28 @@ def test_offsets_from_size_layout():
     offset_x = naive.offsets_from_size(size_x, (3, 3, 3), 1, "x").view(27, 3)
     assert offset_x[:, 0].abs().sum() == 0                # mode x never moves t
     assert offset_x[k].tolist() == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("case", [
+    Case(N=2, C=4, T=3, H=5, W=4, Co=3, G=2, mode="xyz"),
+    Case(N=1, C=2, T=3, H=4, W=5, Co=2, mode="x"),
+    Case(N=1, C=2, T=3, H=4, W=5, Co=2, mode="xy", mask=False),
+    Case(N=1, C=4, T=4, H=5, W=6, Co=2, groups=2, kernel=(3, 1, 3), padding=(1, 0, 2),
+         dilation=(1, 1, 2), mode="xxz"),
+], ids=str)
+def test_d2conv_reference_equals_deform_on_its_offsets(case):
+    """d2conv3d samples the axes whose offset is zero by construction with one corner: the
+    same output and gradients as deform_conv3d on the expanded offsets, which takes two."""
+    x, size, w, b, m = (None if t is None else t.detach().double().requires_grad_()
+                        for t in make_inputs(case, device="cpu"))
+    grad_out = torch.randn(case.N, case.Co, *case.out, dtype=torch.float64)
+    out = naive.d2conv3d(x, size, w, b, mask=m, mode=case.mode, **case.conv_kwargs)
+    named = {k: t for k, t in zip(("input", "size", "weight", "bias", "mask"), (x, size, w, b, m))
+             if t is not None}
+    grads = torch.autograd.grad((out * grad_out).sum(), list(named.values()))
+    offset = naive.offsets_from_size(size, case.kernel, case.dilation, case.mode)
+    out_ref = naive.deform_conv3d(x, offset, w, b, mask=m, **case.conv_kwargs)
+    grads_ref = torch.autograd.grad((out_ref * grad_out).sum(), list(named.values()))
+    assert torch.allclose(out, out_ref, atol=1e-12)
+    for name, g, g_ref in zip(named, grads, grads_ref):
+        assert torch.allclose(g, g_ref, atol=1e-11), name
