@@ -2,12 +2,16 @@
 each config's registers, spills and shared memory: a quick check of a kernel edit on a CPU
 machine before device time is spent.
 
-    python bench/compile_check.py [--shape rf2] [--dtype bfloat16] [--arch 90]
+    python bench/compile_check.py [--shape rf2] [--dtype bfloat16 float32-tf32 ...] [--first]
+
+tests/test_compile.py runs it on a tiny shape in CI, where the kernels otherwise only run under
+the interpreter, which does not compile them.
 """
 import argparse
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import torch
@@ -85,17 +89,28 @@ def resources(compiled):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="rf2", choices=SHAPES)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", nargs="+", default=["bfloat16"],
+                   choices=["bfloat16", "float16", "float32", "float32-tf32"],
+                   help="float32: strict (TF32 off), float32-tf32: TF32 allowed")
+    p.add_argument("--first", action="store_true",
+                   help="only each kernel's default config (the first of its class)")
     p.add_argument("--arch", type=int, default=90)
     a = p.parse_args()
-    dtype = getattr(torch, a.dtype)
-    for name, kernel, args in captured_launches(SHAPES[a.shape], dtype):
-        for config in configs.CANDIDATES[name][configs.precision_class(args)]:
-            config = configs._fit(config, args)
-            compiled = compile_one(kernel, args, config, a.arch)
-            regs, local = resources(compiled)
-            print(f"{name:10} {str(config.kwargs):50} w{config.num_warps} s{config.num_stages}: "
-                  f"{regs} regs, {local} B stack/local (spills), {compiled.metadata.shared} B shared")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+    for name_of_dtype in a.dtype:
+        torch.backends.cuda.matmul.allow_tf32 = name_of_dtype == "float32-tf32"
+        dtype = getattr(torch, name_of_dtype.split("-")[0])
+        for name, kernel, args in captured_launches(SHAPES[a.shape], dtype):
+            candidates = configs.CANDIDATES[name][configs.precision_class(args)]
+            for config in candidates[:1] if a.first else candidates:
+                config = configs._fit(config, args)
+                compiled = compile_one(kernel, args, config, a.arch)
+                regs, local = resources(compiled)
+                print(f"{name_of_dtype:12} {name:10} {args['DOT_PRECISION']:6} "
+                      f"{str(config.kwargs):50} w{config.num_warps} s{config.num_stages}: "
+                      f"{regs} regs, {local} B stack/local (spills), "
+                      f"{compiled.metadata.shared} B shared", flush=True)
 
 
 if __name__ == "__main__":
