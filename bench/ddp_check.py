@@ -95,14 +95,14 @@ def main():
             "--batch-size", batch, "--max-steps", str(a.steps), "--run-dir", str(out / name)],
             one_gpu, log)
 
-    two, one = losses(out / "2gpu"), losses(out / "1gpu")
-    again = losses(out / "1gpu-again")
-    two_more, one_more = losses(out / "2gpu"), losses(out / "2to1")
-    steps = sorted(set(two) & set(one))
+    log.close()
+    two, one = losses(out / "2gpu"), losses(out / "1gpu")     # 2gpu: resumed steps included
+    again, moved = losses(out / "1gpu-again"), losses(out / "2to1")
+    steps = sorted(set(two) & set(one))             # the first STEPS
     diffs = [abs(two[s] - one[s]) for s in steps]
     noise = [abs(again[s] - one[s]) for s in steps]
-    resumed = [s for s in range(a.steps + 1, total + 1)]
-    resumed_diffs = [abs(two_more[s] - one_more[s]) for s in resumed if s in one_more]
+    resumed = list(range(a.steps + 1, total + 1))
+    resumed_diffs = [abs(two[s] - moved[s]) for s in resumed if s in moved]
     checkpoints = {name: sorted(f.name for f in (out / name).iterdir())
                    for name in ("2gpu", "1gpu", "2to1")}
     log_lines = {name: sum(1 for e in entries(out / name) if "loss" in e)
@@ -116,8 +116,8 @@ def main():
                   max_abs_loss_diff=max(diffs), mean_abs_loss_diff=statistics.mean(diffs),
                   first_step_loss_diff=diffs[0], loss_1gpu_again=[again[s] for s in steps],
                   max_abs_noise_diff=max(noise), mean_abs_noise_diff=statistics.mean(noise),
-                  resumed_loss_2gpu=[two_more[s] for s in resumed],
-                  resumed_loss_2to1=[one_more.get(s) for s in resumed],
+                  resumed_loss_2gpu=[two.get(s) for s in resumed],
+                  resumed_loss_2to1=[moved.get(s) for s in resumed],
                   max_abs_resumed_diff=max(resumed_diffs) if resumed_diffs else None,
                   clips_per_s_2gpu=rate(out / "2gpu"), clips_per_s_1gpu=rate(out / "1gpu"),
                   clips_per_s_1gpu_batch2=rate(out / "1gpu-b2"),
