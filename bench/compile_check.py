@@ -22,7 +22,9 @@ from triton.compiler import ASTSource
 from kernels import backward, configs, forward
 from kernels.checks import check_args
 
-SHAPES = {"rf2": (2, 256, 256, 4, 60, 108), "early": (2, 64, 64, 8, 60, 108), "tiny": (1, 8, 8, 2, 4, 5)}
+from test_kernels import SHAPES as BENCH_SHAPES     # bench/ is this script's directory
+
+SHAPES = {**BENCH_SHAPES, "tiny": (1, 8, 8, 2, 4, 5)}   # name: (N, C_in, C_out, T, H, W)
 TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
