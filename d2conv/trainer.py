@@ -280,7 +280,6 @@ class Trainer:
         return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                     scheduler=self.scheduler.state_dict(), scaler=None, rng=rng_state(),
                     step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
-                    clips_in_epoch=self.batch_in_epoch * self.cfg.batch_size * self.world,
                     world=self.world, best=self.best, config=asdict(self.cfg))
 
     def save(self, name):
@@ -298,14 +297,15 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step, self.epoch, self.best = state["step"], state["epoch"], state["best"]
         self.batch_in_epoch = state["batch_in_epoch"]
-        clips = state.get("clips_in_epoch")
+        # checkpoints before the world size was stored resume at their batch index
+        saved = state["config"]["batch_size"] * state.get("world", self.world)
         global_batch = self.cfg.batch_size * self.world
-        if clips is not None and clips != self.batch_in_epoch * global_batch:
+        if "world" in state and saved != global_batch:
             # another global batch (other GPU count or batch size): go on at the same clip of
             # the epoch's permutation (to a whole batch: a few may repeat, none is skipped)
+            clips = self.batch_in_epoch * saved
             self.batch_in_epoch = clips // global_batch
             if self.main:
-                saved = state["config"]["batch_size"] * state["world"]
                 print(f"resume: {clips} clips of epoch {self.epoch + 1} were done at a global "
                       f"batch of {saved}; going on at batch {self.batch_in_epoch} of "
                       f"{global_batch} clips")

@@ -100,7 +100,7 @@ def test_resume_at_another_global_batch_goes_on_at_the_same_clip(videos, tmp_pat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert train.main(args(videos, tmp_path / "first", "--max-steps", "2")) == 0
     saved = weights(tmp_path / "first")
-    assert (saved["batch_in_epoch"], saved["clips_in_epoch"], saved["world"]) == (2, 4, 1)
+    assert (saved["batch_in_epoch"], saved["config"]["batch_size"], saved["world"]) == (2, 2, 1)
     # a copied run resumes in the copy, not in the folder its config names
     shutil.copytree(tmp_path / "first", tmp_path / "copy")
     assert train.main(args(videos, tmp_path / "copy", "--resume", "--batch-size", "4",
