@@ -3,6 +3,7 @@ each config's registers, spills and shared memory: a quick check of a kernel edi
 machine before device time is spent.
 
     python bench/compile_check.py [--shape rf2] [--dtype bfloat16 float32-tf32 ...] [--first]
+                                  [--kernel FWD BWD_DATA BWD_WEIGHT]
 
 tests/test_compile.py runs it on a tiny shape in CI, where the kernels otherwise only run under
 the interpreter, which does not compile them.
@@ -96,6 +97,8 @@ def main():
                    help="float32: strict (TF32 off), float32-tf32: TF32 allowed")
     p.add_argument("--first", action="store_true",
                    help="only each kernel's default config (the first of its class)")
+    p.add_argument("--kernel", nargs="+", default=["FWD", "BWD_DATA", "BWD_WEIGHT"],
+                   choices=["FWD", "BWD_DATA", "BWD_WEIGHT"], help="which kernels to compile")
     p.add_argument("--arch", type=int, default=90)
     a = p.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -104,6 +107,8 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = name_of_dtype == "float32-tf32"
         dtype = getattr(torch, name_of_dtype.split("-")[0])
         for name, kernel, args in captured_launches(SHAPES[a.shape], dtype):
+            if name not in a.kernel:
+                continue
             candidates = configs.CANDIDATES[name][configs.precision_class(args)]
             for config in candidates[:1] if a.first else candidates:
                 config = configs._fit(config, args)

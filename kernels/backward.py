@@ -79,10 +79,11 @@ def d2conv_bwd_data_kernel(
                 coord_ptr, coord_row, mask_ptr, mask_row, L, m_ok, n64, i, j, l, to, ho, wo,
                 s_z, s_y, s_x, C, T, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
                 IS_OFFSET, HAS_MASK, TAPS)
-            g_z = tl.zeros((BLOCK_M,), tl.float32)  # d loss / d position (before the mask)
-            g_y = tl.zeros((BLOCK_M,), tl.float32)
-            g_x = tl.zeros((BLOCK_M,), tl.float32)
-            g_m = tl.zeros((BLOCK_M,), tl.float32)  # d loss / d mask
+            # unreduced d loss / d mask and d loss / d position (before the mask)
+            t_m = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+            t_z = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+            t_y = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+            t_x = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
             # the offset group's channels in segments that each sit inside one conv group
             for seg in range(0, Cpg // SEG):
                 c_first = g * Cpg + seg * SEG
@@ -102,17 +103,18 @@ def d2conv_bwd_data_kernel(
                                      mask=o_ok[:, None] & ch_ok[None, :], other=0.0)
                         gcol = tl.dot(go, wt, gcol, input_precision=DOT_PRECISION)
                     if NEED_COORD or NEED_MASK:
-                        d_m, d_z, d_y, d_x = gather_dot(
+                        t_m, t_z, t_y, t_x = gather_dot(
                             x_ptr, row0, c_first + c0 + offs_c, ch_ok, H * W * C, W * C, C, gcol,
-                            fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, TAPS)
-                        g_m += d_m
-                        g_z += d_z
-                        g_y += d_y
-                        g_x += d_x
+                            t_m, t_z, t_y, t_x, fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1,
+                            TAPS)
                     if NEED_INPUT:
                         scatter_tile(gx_ptr, row0, c_first + c0 + offs_c, ch_ok, H * W * C, W * C,
                                      C, gcol, fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, mk,
                                      TAPS)
+            g_m = tl.sum(t_m, axis=1)
+            g_z = tl.sum(t_z, axis=1)
+            g_y = tl.sum(t_y, axis=1)
+            g_x = tl.sum(t_x, axis=1)
             if NEED_COORD:
                 if IS_OFFSET:
                     tl.store(gcoord_ptr + coord_row + (k * 3 + 0) * L, g_z * mk, mask=m_ok)

@@ -123,19 +123,17 @@ def gather_tile(x_ptr, row0, ch, ch_ok, HWC, WC, C,
 
 
 @triton.jit
-def gather_dot(x_ptr, row0, ch, ch_ok, HWC, WC, C, grad,
+def gather_dot(x_ptr, row0, ch, ch_ok, HWC, WC, C, grad, t_v, t_z, t_y, t_x,
                fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, TAPS: tl.constexpr):
-    """Row sums of grad * (value and its position derivatives) for one kernel point.
+    """Accumulate grad * (value and its position derivatives) of one kernel point, unreduced.
 
     grad: [BLOCK_M, BLOCK_C] fp32, the gradient of the sampled (unmasked) values.
-    Returns [BLOCK_M] fp32 (sum_c grad * value, sum_c grad * dvalue/dz, .../dy, .../dx): each
-    corner's row sum is taken once and weighted per axis, so no per-channel derivative tile is
-    kept. The derivatives are right derivatives (corners held fixed), zero along axes with one tap.
+    t_v, t_z, t_y, t_x: [BLOCK_M, BLOCK_C] fp32 accumulators (in the layout of grad) of
+    grad * value, grad * dvalue/dz, .../dy, .../dx; their row sums, taken once per kernel point
+    by the caller, are the mask and position gradients. Summing rows per corner instead costs a
+    layout conversion and a cross-warp reduction per corner. The derivatives are right
+    derivatives (corners held fixed); an axis with one tap leaves its accumulator untouched.
     """
-    g_v = tl.zeros((row0.shape[0],), tl.float32)
-    g_z = tl.zeros((row0.shape[0],), tl.float32)
-    g_y = tl.zeros((row0.shape[0],), tl.float32)
-    g_x = tl.zeros((row0.shape[0],), tl.float32)
     for cz in tl.static_range(1 + (TAPS >> 2) % 2):
         wz, okz = _tap(cz, fz, okz0, okz1)
         for cy in tl.static_range(1 + (TAPS >> 1) % 2):
@@ -145,15 +143,15 @@ def gather_dot(x_ptr, row0, ch, ch_ok, HWC, WC, C, grad,
                 ok = okz & oky & okx
                 ptr = x_ptr + (row0 + (cz * HWC + cy * WC + cx * C))[:, None] + ch[None, :]
                 v = tl.load(ptr, mask=ok[:, None] & ch_ok[None, :], other=0.0).to(tl.float32)
-                s = tl.sum(grad * v, axis=1)
-                g_v += wz * wy * wx * s
+                p = grad * v
+                t_v += (wz * wy * wx)[:, None] * p
                 if (TAPS >> 2) % 2 == 1:
-                    g_z += (2 * cz - 1) * wy * wx * s
+                    t_z += ((2 * cz - 1) * wy * wx)[:, None] * p
                 if (TAPS >> 1) % 2 == 1:
-                    g_y += (2 * cy - 1) * wz * wx * s
+                    t_y += ((2 * cy - 1) * wz * wx)[:, None] * p
                 if TAPS % 2 == 1:
-                    g_x += (2 * cx - 1) * wz * wy * s
-    return g_v, g_z, g_y, g_x
+                    t_x += ((2 * cx - 1) * wz * wy)[:, None] * p
+    return t_v, t_z, t_y, t_x
 
 
 @triton.jit
