@@ -1,6 +1,7 @@
 """Compile the three kernels for a GPU target without a GPU (Triton's bundled compiler) and print
 each config's registers, spills and shared memory: a quick check of a kernel edit on a CPU
-machine before device time is spent.
+machine before device time is spent. Arguments are specialised as a launch specialises them (alignment
+and divisibility by 16, integers equal to 1 as constants): without that, loads compile scalar.
 
     python bench/compile_check.py [--shape rf2] [--dtype bfloat16 float32-tf32 ...] [--first]
                                   [--kernel FWD BWD_DATA BWD_WEIGHT]
@@ -60,17 +61,22 @@ def compile_one(kernel, args, config, arch):
         for name, rule in getattr(fn, "values", {}).items():
             values[name] = rule(values)
         fn = fn.fn
-    signature, constexprs = {}, {}
-    for p in fn.params:
+    # specialised as a launch would: integers equal to 1 become constants, pointers (torch's
+    # allocations) and integers divisible by 16 are marked so (what lets loads vectorise)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
         v = values[p.name]
-        if p.is_constexpr:
+        if p.is_constexpr or (type(v) is int and v == 1):
             signature[p.name] = "constexpr"
             constexprs[p.name] = v
         elif isinstance(v, torch.Tensor):
             signature[p.name] = TYPES[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[p.name] = "i32" if abs(int(v)) < 2**31 else "i64"
-    src = ASTSource(fn, signature, constexprs=constexprs)
+            if int(v) % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
