@@ -1,7 +1,8 @@
 """Compile the three kernels for a GPU target without a GPU (Triton's bundled compiler) and print
 each config's registers, spills and shared memory: a quick check of a kernel edit on a CPU
-machine before device time is spent. Arguments are specialised as a launch specialises them (alignment
-and divisibility by 16, integers equal to 1 as constants): without that, loads compile scalar.
+machine before device time is spent. Arguments are specialised as a launch specialises them
+(alignment and divisibility by 16, integers equal to 1 as constants): without that, loads
+compile scalar.
 
     python bench/compile_check.py [--shape rf2] [--dtype bfloat16 float32-tf32 ...] [--first]
                                   [--kernel FWD BWD_DATA BWD_WEIGHT]
