@@ -83,7 +83,8 @@ PRESETS = {
     # after 960 steps: lr 2e-3 with cosine decay 0.627, lr 1e-3 step decay 0.597, 2e-3 step 0.589.
     # What limits the IoU is the number of steps, not these settings (bench/sweep_tiny.py,
     # results/*-tiny-sweep.json): `--epochs 32` (~40 minutes on 2 cores) reached 0.687 there,
-    # 0.70-0.74 on a GPU.
+    # 0.70-0.74 on a GPU. Clips of 4 frames step only 1.3x faster and learn less per step (0.600
+    # after 1920 steps, 11.7 minutes on 2 cores).
     "tiny": dict(backbone="ir_csn_tiny", mdim=32, decoder_norm=True, fg_prior=0.12, batch_size=8,
                  lr=2e-3, scheduler="cosine", predictor_lr=0.1, warmup_steps=25, epochs=8,
                  loss="bce+lovasz", workers=1, checkpoint=False),
