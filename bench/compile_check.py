@@ -27,7 +27,8 @@ from kernels.checks import check_args
 
 from test_kernels import SHAPES as BENCH_SHAPES     # bench/ is this script's directory
 
-SHAPES = {**BENCH_SHAPES, "tiny": (1, 8, 8, 2, 4, 5)}   # name: (N, C_in, C_out, T, H, W)
+# name: (N, C_in, C_out, T, H, W); "tiny" has 16 channels, enough for 16-byte channel vectors
+SHAPES = {**BENCH_SHAPES, "tiny": (1, 16, 16, 2, 4, 5)}
 TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
@@ -96,6 +97,17 @@ def resources(compiled):
             else (-1, -1))
 
 
+def vector_ops(compiled):
+    """(vector global loads, vector atomic adds) in the PTX: channel rows (gathers, weights,
+    grad_out, the input gradient's atomics) load and add several channels per instruction when
+    Triton can prove them aligned (16 bytes at the paper's 256 channels; less on small tiles)."""
+    ptx = compiled.asm["ptx"]
+    copies = re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx)
+    return (len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]\.", ptx))
+            + sum(int(size, 0) >= 8 for size in copies),      # pipelined loads: async copies
+            len(re.findall(r"(?:red|atom)\.global(?:\.\w+)*\.v[248]\.", ptx)))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="rf2", choices=SHAPES)
@@ -121,10 +133,12 @@ def main():
                 config = configs._fit(config, args)
                 compiled = compile_one(kernel, args, config, a.arch)
                 regs, local = resources(compiled)
+                loads, atomics = vector_ops(compiled)
                 print(f"{name_of_dtype:12} {name:10} {args['DOT_PRECISION']:6} "
                       f"{str(config.kwargs):50} w{config.num_warps} s{config.num_stages}: "
                       f"{regs} regs, {local} B stack/local (spills), "
-                      f"{compiled.metadata.shared} B shared", flush=True)
+                      f"{compiled.metadata.shared} B shared, {loads} vector loads, "
+                      f"{atomics} vector atomics", flush=True)
 
 
 if __name__ == "__main__":
