@@ -116,8 +116,8 @@ def main():
                    help="float32: strict (TF32 off), float32-tf32: TF32 allowed")
     p.add_argument("--first", action="store_true",
                    help="only each kernel's default config (the first of its class)")
-    p.add_argument("--kernel", nargs="+", default=["FWD", "BWD_DATA", "BWD_WEIGHT"],
-                   choices=["FWD", "BWD_DATA", "BWD_WEIGHT"], help="which kernels to compile")
+    p.add_argument("--kernel", nargs="+", default=list(configs.CANDIDATES),
+                   choices=list(configs.CANDIDATES), help="which kernels to compile")
     p.add_argument("--arch", type=int, default=90)
     a = p.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":

@@ -41,7 +41,7 @@ def run(name, command, env, log):
 
 
 def entries(run_dir):
-    return [json.loads(line) for line in open(run_dir / "log.jsonl")]
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
 def losses(run_dir):

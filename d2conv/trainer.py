@@ -299,9 +299,9 @@ class Trainer:
         self.step, self.epoch, self.best = state["step"], state["epoch"], state["best"]
         self.batch_in_epoch = state["batch_in_epoch"]
         # checkpoints before the world size was stored resume at their batch index
-        saved = state["config"]["batch_size"] * state.get("world", self.world)
+        saved = state["config"]["batch_size"] * state["world"] if "world" in state else None
         global_batch = self.cfg.batch_size * self.world
-        if "world" in state and saved != global_batch:
+        if saved is not None and saved != global_batch:
             # another global batch (other GPU count or batch size): go on at the same clip of
             # the epoch's permutation (to a whole batch: a few may repeat, none is skipped)
             clips = self.batch_in_epoch * saved
