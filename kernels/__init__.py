@@ -2,8 +2,9 @@
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the same kernels under the Triton
 interpreter when TRITON_INTERPRET=1 is set, and the PyTorch reference (``kernels.naive``)
-otherwise. Under ``torch.autocast`` every tensor argument is cast to the autocast dtype, so the
-kernels run in bf16/fp16 on the tensor cores.
+otherwise. Eager calls go through ``ops.Conv3dFunction``; torch.compile and meta tensors through
+the ``torch.ops.d2conv`` custom ops (same kernels). Under ``torch.autocast`` every tensor
+argument is cast to the autocast dtype, so the kernels run in bf16/fp16 on the tensor cores.
 """
 import os
 
@@ -39,8 +40,10 @@ def _run(input, coords, weight, bias, stride, padding, dilation, mask, groups, m
         return naive.d2conv3d(input, coords, weight, bias, stride, padding, dilation, mask,
                               groups, mode)
     geo = check_args(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode)
-    return torch.ops.d2conv.conv3d(input, coords, weight, bias, mask, list(geo.stride),
-                                   list(geo.padding), list(geo.dilation), groups, mode)
+    if input.device.type == "meta" or torch.compiler.is_compiling():
+        return torch.ops.d2conv.conv3d(input, coords, weight, bias, mask, list(geo.stride),
+                                       list(geo.padding), list(geo.dilation), groups, mode)
+    return ops.Conv3dFunction.apply(input, coords, weight, bias, mask, geo, mode)
 
 
 def deform_conv3d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None,

@@ -1,5 +1,8 @@
-"""The Triton path as torch.library custom ops: forward, backward, fake (meta) implementations
-and autograd, so torch.compile traces them without graph breaks.
+"""The Triton path, twice over the same kernels: as torch.library custom ops (forward, backward,
+fake (meta) implementations and autograd), which torch.compile traces without graph breaks, and
+as a plain autograd.Function for eager calls, which skips the dispatcher's per-call cost (on a
+CPU with the launches stubbed out: 0.35 -> 0.17 ms of host time per forward+backward,
+bench/NOTES.md session 7; it matters for small shapes, where the host's cost rivals the GPU's).
 
 ``coords`` is the offset tensor when ``mode == "offset"`` (deform_conv3d) and the size map of a
 D²Conv mode otherwise. Triton is imported on first use, so importing this module (and the
@@ -95,3 +98,28 @@ def _backward(ctx, grad_out):
 
 
 conv3d.register_autograd(_backward, setup_context=_setup_context)
+
+
+class Conv3dFunction(torch.autograd.Function):
+    """Eager autograd of the kernels (what ``conv3d`` + ``_backward`` do, without the custom-op
+    dispatch). ``geo`` is ``check_args``'s result for these arguments."""
+
+    @staticmethod
+    def forward(ctx, input, coords, weight, bias, mask, geo, mode):
+        from .forward import d2conv_fwd
+
+        ctx.save_for_backward(input, coords, weight, mask)
+        ctx.geo, ctx.mode, ctx.has_bias = geo, mode, bias is not None
+        return d2conv_fwd(geo, input, coords, weight, bias, mask, mode)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from .backward import d2conv_bwd
+
+        input, coords, weight, mask = ctx.saved_tensors
+        need_input, need_coords, need_weight, need_bias, need_mask = ctx.needs_input_grad[:5]
+        grad_input, grad_coords, grad_mask, grad_weight, grad_bias = d2conv_bwd(
+            ctx.geo, grad_out, input, coords, weight, mask, ctx.mode, need_bias and ctx.has_bias,
+            need_input, need_coords, need_mask and mask is not None, need_weight)
+        return grad_input, grad_coords, grad_weight, grad_bias, grad_mask, None, None
+

@@ -70,6 +70,34 @@ def test_opcheck():
                               (grad_out, *inputs, *conf, *needs))
 
 
+@pytest.mark.skipif(DEVICE == "cpu" and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("mode", ["offset", "xy"])
+def test_eager_path_equals_custom_op(mode, monkeypatch):
+    """Eager calls take ops.Conv3dFunction, torch.compile the custom ops: the same values and
+    gradients (the same kernels), and each path is the one taken."""
+    case = Case(N=1, C=8, T=2, H=3, W=4, Co=8, kernel=(2, 3, 1), padding=(1, 1, 0), mode=mode)
+    inputs = make_inputs(case)
+    grad_out = torch.randn(1, 8, *case.out, device=DEVICE)
+    taken = []
+    real_apply = kernels.ops.Conv3dFunction.apply
+    monkeypatch.setattr(kernels.ops.Conv3dFunction, "apply",
+                        lambda *a: taken.append("eager") or real_apply(*a))
+    out = apply(case, *inputs)
+    grads = torch.autograd.grad(out, [t for t in inputs if t is not None], grad_out)
+    assert taken == ["eager"]
+    x, coords, w, b, m = inputs
+    geo = kernels.check_args(x, coords, w, b, case.stride, case.padding, case.dilation, m,
+                             case.groups, mode)
+    ref = torch.ops.d2conv.conv3d(x, coords, w, b, m, list(geo.stride), list(geo.padding),
+                                  list(geo.dilation), case.groups, mode)
+    ref_grads = torch.autograd.grad(ref, [t for t in inputs if t is not None], grad_out)
+    assert taken == ["eager"]       # the custom op did not go through the eager Function
+    assert rel_err(out, ref) <= 1e-6
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) <= 1e-6
+
+
 def test_torch_compile_traces_without_graph_breaks():
     class Block(torch.nn.Module):
         def __init__(self):
