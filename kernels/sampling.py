@@ -131,26 +131,33 @@ def gather_dot(x_ptr, row0, ch, ch_ok, HWC, WC, C, grad, t_v, t_z, t_y, t_x,
     t_v, t_z, t_y, t_x: [BLOCK_M, BLOCK_C] fp32 accumulators (in the layout of grad) of
     grad * value, grad * dvalue/dz, .../dy, .../dx; their row sums, taken once per kernel point
     by the caller, are the mask and position gradients. Summing rows per corner instead costs a
-    layout conversion and a cross-warp reduction per corner. The derivatives are right
-    derivatives (corners held fixed); an axis with one tap leaves its accumulator untouched.
+    layout conversion and a cross-warp reduction per corner. The two x corners are taken as a
+    pair: grad * (their lerp along x) feeds t_v, t_z, t_y and grad * (their difference) feeds
+    t_x: fewer operations per element than weighting each corner apart (and fewer
+    registers: bench/NOTES.md, session 8). The derivatives are right derivatives (corners held
+    fixed); an axis with one tap leaves its accumulator untouched.
     """
     for cz in tl.static_range(1 + (TAPS >> 2) % 2):
         wz, okz = _tap(cz, fz, okz0, okz1)
         for cy in tl.static_range(1 + (TAPS >> 1) % 2):
             wy, oky = _tap(cy, fy, oky0, oky1)
-            for cx in tl.static_range(1 + TAPS % 2):
-                wx, okx = _tap(cx, fx, okx0, okx1)
-                ok = okz & oky & okx
-                ptr = x_ptr + (row0 + (cz * HWC + cy * WC + cx * C))[:, None] + ch[None, :]
-                v = tl.load(ptr, mask=ok[:, None] & ch_ok[None, :], other=0.0).to(tl.float32)
-                p = grad * v
-                t_v += (wz * wy * wx)[:, None] * p
-                if (TAPS >> 2) % 2 == 1:
-                    t_z += ((2 * cz - 1) * wy * wx)[:, None] * p
-                if (TAPS >> 1) % 2 == 1:
-                    t_y += ((2 * cy - 1) * wz * wx)[:, None] * p
-                if TAPS % 2 == 1:
-                    t_x += ((2 * cx - 1) * wz * wy)[:, None] * p
+            ok = okz & oky
+            ptr = x_ptr + (row0 + (cz * HWC + cy * WC))[:, None] + ch[None, :]
+            v0 = tl.load(ptr, mask=(ok & okx0)[:, None] & ch_ok[None, :], other=0.0).to(tl.float32)
+            if TAPS % 2 == 1:
+                # the x pair at once: its lerp along x and its x difference
+                v1 = tl.load(ptr + C, mask=(ok & okx1)[:, None] & ch_ok[None, :],
+                             other=0.0).to(tl.float32)
+                dx = v1 - v0
+                p = grad * (v0 + fx[:, None] * dx)
+                t_x += (wz * wy)[:, None] * (grad * dx)
+            else:
+                p = grad * v0
+            t_v += (wz * wy)[:, None] * p
+            if (TAPS >> 2) % 2 == 1:
+                t_z += ((2 * cz - 1) * wy)[:, None] * p
+            if (TAPS >> 1) % 2 == 1:
+                t_y += ((2 * cy - 1) * wz)[:, None] * p
     return t_v, t_z, t_y, t_x
 
 
