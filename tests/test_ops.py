@@ -56,7 +56,7 @@ def test_cpu_without_interpreter_uses_reference(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.skipif(DEVICE == "cpu" and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(DEVICE == "cpu" and not configs.interpreting(),
                     reason="needs a GPU or the Triton interpreter")
 def test_opcheck():
     case = Case(N=1, C=4, T=2, H=3, W=3, Co=4, kernel=(1, 2, 2), padding=(0, 1, 0), mode="xy")
@@ -70,7 +70,7 @@ def test_opcheck():
                               (grad_out, *inputs, *conf, *needs))
 
 
-@pytest.mark.skipif(DEVICE == "cpu" and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(DEVICE == "cpu" and not configs.interpreting(),
                     reason="needs a GPU or the Triton interpreter")
 @pytest.mark.parametrize("mode", ["offset", "xy"])
 def test_eager_path_equals_custom_op(mode, monkeypatch):
