@@ -2,7 +2,7 @@
 fake (meta) implementations and autograd), which torch.compile traces without graph breaks, and
 as a plain autograd.Function for eager calls, which skips the dispatcher's per-call cost (on a
 CPU with the launches stubbed out: 0.35 -> 0.17 ms of host time per forward+backward; on an H100
-at the rf3 shape 0.12-0.41 ms less per forward+backward: bench/NOTES.md, sessions 7 and 8). It
+at the rf3 shape 0.12-0.50 ms less per forward+backward: bench/NOTES.md, sessions 7 and 8). It
 matters for small shapes, where the host's cost rivals the GPU's.
 
 ``coords`` is the offset tensor when ``mode == "offset"`` (deform_conv3d) and the size map of a
