@@ -110,7 +110,7 @@ class Conv3dFunction(torch.autograd.Function):
         from .forward import d2conv_fwd
 
         ctx.save_for_backward(input, coords, weight, mask)
-        ctx.geo, ctx.mode, ctx.has_bias = geo, mode, bias is not None
+        ctx.geo, ctx.mode = geo, mode
         return d2conv_fwd(geo, input, coords, weight, bias, mask, mode)
 
     @staticmethod
@@ -118,9 +118,10 @@ class Conv3dFunction(torch.autograd.Function):
         from .backward import d2conv_bwd
 
         input, coords, weight, mask = ctx.saved_tensors
+        # False for an argument that is None (no bias, no mask)
         need_input, need_coords, need_weight, need_bias, need_mask = ctx.needs_input_grad[:5]
         grad_input, grad_coords, grad_mask, grad_weight, grad_bias = d2conv_bwd(
-            ctx.geo, grad_out, input, coords, weight, mask, ctx.mode, need_bias and ctx.has_bias,
-            need_input, need_coords, need_mask and mask is not None, need_weight)
+            ctx.geo, grad_out, input, coords, weight, mask, ctx.mode, need_bias, need_input,
+            need_coords, need_mask, need_weight)
         return grad_input, grad_coords, grad_weight, grad_bias, grad_mask, None, None
 
