@@ -1,5 +1,6 @@
 """Backward kernels. With gcol[m, (k, c)] = sum_o grad_out[m, o] * Wt[(k, c), o] (the gradient of
-the sampled columns, never stored):
+the sampled columns: one GEMM per launch of the data kernel, over the few kernel points that
+launch takes, so that at most GCOL_BUDGET bytes of it exist at a time):
 
   data kernel, one program per (voxel block, offset group):
     grad_input  += scatter of mask * corner_weight * gcol into the 8 corners (fp32 atomics,
@@ -11,6 +12,7 @@ the sampled columns, never stored):
     grad_weight[k, c, o] = sum_m A[m, (k, c)] * grad_out[m, o]  (A re-gathered as in the
                    forward), grad_bias = sum_m grad_out; fp32 atomics across voxel splits.
 """
+import os
 import warnings
 
 import torch
@@ -23,27 +25,28 @@ from .sampling import (class_point, class_points, gather_dot, gather_tile, kerne
                        load_sizes, scatter_tile)
 
 
-@triton.heuristics({"GO_RESIDENT": lambda a: a["BLOCK_O"] >= a["Cog"] and a["Cg"] == a["C"]})
-@triton.jit
+@triton.jit(do_not_specialize=["K_FIRST", "KC"])
 def d2conv_bwd_data_kernel(
     x_ptr,       # input, channels-last (N, T, H, W, C)
     coord_ptr,   # offset (N, G*K*3, To, Ho, Wo) or size (N, G*NS, To, Ho, Wo)
     mask_ptr,    # (N, G*K, To, Ho, Wo), or any pointer when not HAS_MASK
-    w_ptr,       # weight (groups, K, Cg, Cog)
-    go_ptr,      # grad of the output, channels-last (N, To, Ho, Wo, Co)
+    gcol_ptr,    # column gradient of kernel points K_FIRST .. K_FIRST+KC-1: (groups, M, KC, Cg)
     gx_ptr,      # fp32 (N, T, H, W, C), zeroed, accumulated with atomics (when NEED_INPUT)
-    gcoord_ptr,  # like coord_ptr (when NEED_COORD)
+    gcoord_ptr,  # like coord_ptr (when NEED_COORD); fp32 and accumulated for sizes when K_FIRST > 0
     gmask_ptr,   # like mask_ptr (when NEED_MASK)
     M, C, T, H, W, To, Ho, Wo, Co, Cg, Cog, Cpg, SEG, G, COORD_CH, M_BUCKET,
+    K_FIRST, KC,                # this launch's kernel points
+    GCOL_M, GCOL_G,             # gcol's strides per voxel (KC*Cg) and per conv group (M*KC*Cg)
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     IS_OFFSET: tl.constexpr, SZ_CH: tl.constexpr, SY_CH: tl.constexpr, SX_CH: tl.constexpr,
     HAS_MASK: tl.constexpr, NEED_INPUT: tl.constexpr, NEED_COORD: tl.constexpr,
-    NEED_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    GO_RESIDENT: tl.constexpr,   # one conv group and one output-channel block: load grad_out once
+    NEED_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,    # unused here (the product is the GEMM before the launch);
+                                    # it picks the config class
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     K: tl.constexpr = KD * KH * KW
     pid_m = tl.program_id(0)
@@ -58,16 +61,12 @@ def d2conv_bwd_data_kernel(
     ho = sp // Wo % Ho
     to = sp // (Wo * Ho)
     n64 = n.to(tl.int64)
-    go_row = offs_m.to(tl.int64) * Co
+    gcol_m = offs_m.to(tl.int64) * GCOL_M
     offs_c = tl.arange(0, BLOCK_C)
-    offs_o = tl.arange(0, BLOCK_O)
 
     coord_row = (n64 * COORD_CH + g * (COORD_CH // G)) * L + sp
     mask_row = (n64 * (G * K) + g * K) * L + sp
     s_z, s_y, s_x = load_sizes(coord_ptr, coord_row, L, m_ok, SZ_CH, SY_CH, SX_CH)
-    if GO_RESIDENT:
-        go_all = tl.load(go_ptr + go_row[:, None] + offs_o[None, :],
-                         mask=m_ok[:, None] & (offs_o < Cog)[None, :], other=0.0)
     gs_z = tl.zeros((BLOCK_M,), tl.float32)     # D²Conv: gradient of each axis' scale
     gs_y = tl.zeros((BLOCK_M,), tl.float32)
     gs_x = tl.zeros((BLOCK_M,), tl.float32)
@@ -75,58 +74,52 @@ def d2conv_bwd_data_kernel(
         for r in range(class_points(TAPS, KD, KH, KW, IS_OFFSET, SZ_CH, SY_CH, SX_CH)):
             i, j, l = class_point(r, TAPS, KD, KH, KW, IS_OFFSET, SZ_CH, SY_CH, SX_CH)
             k = (i * KH + j) * KW + l
-            row0, fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, mk = kernel_point(
-                coord_ptr, coord_row, mask_ptr, mask_row, L, m_ok, n64, i, j, l, to, ho, wo,
-                s_z, s_y, s_x, C, T, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
-                IS_OFFSET, HAS_MASK, TAPS)
-            # unreduced d loss / d mask and d loss / d position (before the mask)
-            t_m = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-            t_z = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-            t_y = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-            t_x = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-            # the offset group's channels in segments that each sit inside one conv group
-            for seg in range(0, Cpg // SEG):
-                c_first = g * Cpg + seg * SEG
-                gr = c_first // Cg
-                w_row = (gr * K + k) * Cg + (c_first - gr * Cg)
-                for c0 in range(0, SEG, BLOCK_C):
-                    ch_ok = c0 + offs_c < SEG
-                    gcol = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-                    # one block when resident (BLOCK_O >= Cog, a compile-time bound)
-                    for o0 in range(0, BLOCK_O if GO_RESIDENT else Cog, BLOCK_O):
-                        o_ok = o0 + offs_o < Cog
-                        go = go_all if GO_RESIDENT else tl.load(
-                            go_ptr + go_row[:, None] + (gr * Cog + o0 + offs_o)[None, :],
-                            mask=m_ok[:, None] & o_ok[None, :], other=0.0)
-                        wt = tl.load(w_ptr + (w_row + c0 + offs_c)[None, :] * Cog
-                                     + (o0 + offs_o)[:, None],
-                                     mask=o_ok[:, None] & ch_ok[None, :], other=0.0)
-                        gcol = tl.dot(go, wt, gcol, input_precision=DOT_PRECISION)
-                    if NEED_COORD or NEED_MASK:
-                        t_m, t_z, t_y, t_x = gather_dot(
-                            x_ptr, row0, c_first + c0 + offs_c, ch_ok, H * W * C, W * C, C, gcol,
-                            t_m, t_z, t_y, t_x, fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1,
-                            TAPS)
-                    if NEED_INPUT:
-                        scatter_tile(gx_ptr, row0, c_first + c0 + offs_c, ch_ok, H * W * C, W * C,
-                                     C, gcol, fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, mk,
-                                     TAPS)
-            g_m = tl.sum(t_m, axis=1)
-            g_z = tl.sum(t_z, axis=1)
-            g_y = tl.sum(t_y, axis=1)
-            g_x = tl.sum(t_x, axis=1)
-            if NEED_COORD:
-                if IS_OFFSET:
-                    tl.store(gcoord_ptr + coord_row + (k * 3 + 0) * L, g_z * mk, mask=m_ok)
-                    tl.store(gcoord_ptr + coord_row + (k * 3 + 1) * L, g_y * mk, mask=m_ok)
-                    tl.store(gcoord_ptr + coord_row + (k * 3 + 2) * L, g_x * mk, mask=m_ok)
-                else:
-                    # d position / d s = (index - centre) * dilation
-                    gs_z += g_z * mk * ((i - KD // 2) * DD).to(tl.float32)
-                    gs_y += g_y * mk * ((j - KH // 2) * DH).to(tl.float32)
-                    gs_x += g_x * mk * ((l - KW // 2) * DW).to(tl.float32)
-            if NEED_MASK:
-                tl.store(gmask_ptr + mask_row + k * L, g_m, mask=m_ok)
+            if (k >= K_FIRST) & (k < K_FIRST + KC):
+                row0, fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, mk = kernel_point(
+                    coord_ptr, coord_row, mask_ptr, mask_row, L, m_ok, n64, i, j, l, to, ho, wo,
+                    s_z, s_y, s_x, C, T, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                    IS_OFFSET, HAS_MASK, TAPS)
+                # unreduced d loss / d mask and d loss / d position (before the mask)
+                t_m = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+                t_z = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+                t_y = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+                t_x = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+                # the offset group's channels in segments that each sit inside one conv group
+                for seg in range(0, Cpg // SEG):
+                    c_first = g * Cpg + seg * SEG
+                    gr = c_first // Cg
+                    gcol_row = (gr.to(tl.int64) * GCOL_G + gcol_m
+                                + ((k - K_FIRST) * Cg + c_first - gr * Cg))
+                    for c0 in range(0, SEG, BLOCK_C):
+                        ch_ok = c0 + offs_c < SEG
+                        gcol = tl.load(gcol_ptr + gcol_row[:, None] + (c0 + offs_c)[None, :],
+                                       mask=m_ok[:, None] & ch_ok[None, :],
+                                       other=0.0).to(tl.float32)
+                        if NEED_COORD or NEED_MASK:
+                            t_m, t_z, t_y, t_x = gather_dot(
+                                x_ptr, row0, c_first + c0 + offs_c, ch_ok, H * W * C, W * C, C,
+                                gcol, t_m, t_z, t_y, t_x, fz, fy, fx, okz0, okz1, oky0, oky1,
+                                okx0, okx1, TAPS)
+                        if NEED_INPUT:
+                            scatter_tile(gx_ptr, row0, c_first + c0 + offs_c, ch_ok, H * W * C,
+                                         W * C, C, gcol, fz, fy, fx, okz0, okz1, oky0, oky1,
+                                         okx0, okx1, mk, TAPS)
+                g_m = tl.sum(t_m, axis=1)
+                g_z = tl.sum(t_z, axis=1)
+                g_y = tl.sum(t_y, axis=1)
+                g_x = tl.sum(t_x, axis=1)
+                if NEED_COORD:
+                    if IS_OFFSET:
+                        tl.store(gcoord_ptr + coord_row + (k * 3 + 0) * L, g_z * mk, mask=m_ok)
+                        tl.store(gcoord_ptr + coord_row + (k * 3 + 1) * L, g_y * mk, mask=m_ok)
+                        tl.store(gcoord_ptr + coord_row + (k * 3 + 2) * L, g_x * mk, mask=m_ok)
+                    else:
+                        # d position / d s = (index - centre) * dilation
+                        gs_z += g_z * mk * ((i - KD // 2) * DD).to(tl.float32)
+                        gs_y += g_y * mk * ((j - KH // 2) * DH).to(tl.float32)
+                        gs_x += g_x * mk * ((l - KW // 2) * DW).to(tl.float32)
+                if NEED_MASK:
+                    tl.store(gmask_ptr + mask_row + k * L, g_m, mask=m_ok)
 
     if NEED_COORD and not IS_OFFSET:
         # size channel ch collects the axes it scales (mode x: y and x share channel 0)
@@ -138,6 +131,8 @@ def d2conv_bwd_data_kernel(
                 g_s += gs_y
             if SX_CH == ch:
                 g_s += gs_x
+            if K_FIRST > 0:                     # the earlier launches' kernel points
+                g_s += tl.load(gcoord_ptr + coord_row + ch * L, mask=m_ok, other=0.0)
             tl.store(gcoord_ptr + coord_row + ch * L, g_s, mask=m_ok)
 
 
@@ -218,7 +213,7 @@ def d2conv_bwd_weight_kernel(
 
 
 d2conv_bwd_data_tuned = triton.autotune(
-    configs.all_candidates("BWD_DATA"), key=configs.KEY, reset_to_zero=["gx_ptr"],
+    configs.all_candidates("BWD_DATA"), key=configs.KEY, restore_value=["gx_ptr", "gcoord_ptr"],
     prune_configs_by={"early_config_prune": configs.pruner("BWD_DATA")})(d2conv_bwd_data_kernel)
 d2conv_bwd_weight_tuned = triton.autotune(
     configs.all_candidates("BWD_WEIGHT"), key=configs.KEY, reset_to_zero=["gw_ptr", "gb_ptr"],
@@ -232,6 +227,18 @@ def _programs_per_device(device):
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 2    # the interpreter: enough to exercise the split
+
+
+# bytes of column gradient per data-kernel launch (at least one kernel point's; environment
+# D2CONV_GCOL_MIB). Fewer launches are faster (rf2, bf16, H100, one kernel point is 25 MiB: 27
+# launches 4.80 ms, 14 3.93, 6 3.40, 1 3.17) but hold more memory: 128 MiB keeps rf2's extra
+# peak memory under twice dense cuDNN's
+GCOL_BUDGET = int(os.environ.get("D2CONV_GCOL_MIB", "128")) * 2**20
+
+
+def points_per_launch(M, C, K, itemsize):
+    """Kernel points per data-kernel launch: as many as GCOL_BUDGET holds, at least one."""
+    return max(1, min(K, GCOL_BUDGET // (M * C * itemsize)))
 
 
 def deterministic(device, need_input):
@@ -277,21 +284,40 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
         # channels-last memory: (N, T, H, W, C) in the kernel's eyes
         gx = (torch.empty((N, C, T, H, W), device=dev, dtype=torch.float32,
                           memory_format=torch.channels_last_3d).zero_() if need_input else None)
-        gcoord = torch.empty_like(args["coord_ptr"]) if need_coords else None
+        coords = args["coord_ptr"]
+        # sizes are summed over kernel points, across launches when there are several: fp32
+        gcoord = (torch.empty_like(coords, dtype=torch.float32 if mode != "offset" else None)
+                  if need_coords else None)
         gmask = torch.empty_like(args["mask_ptr"]) if need_mask else None
         unused = torch.empty(1, device=dev, dtype=torch.float32)
-        data_args = dict(args, w_ptr=w_r, gx_ptr=gx if need_input else unused,
+        data_args = dict({k: v for k, v in args.items() if k != "go_ptr"},
+                         gx_ptr=gx if need_input else unused,
                          gcoord_ptr=gcoord if need_coords else unused,
                          gmask_ptr=gmask if need_mask else unused,
                          NEED_INPUT=need_input, NEED_COORD=need_coords, NEED_MASK=need_mask)
+        groups, K, Cg, Cog = w_r.shape
+        M = args["M"]
+        go_g = go.view(M, groups, Cog).transpose(0, 1)      # (groups, M, Cog)
 
         def grid(meta):
-            return (triton.cdiv(args["M"], meta["BLOCK_M"]), geo.offset_groups)
+            return (triton.cdiv(M, meta["BLOCK_M"]), geo.offset_groups)
 
-        configs.launch(d2conv_bwd_data_kernel, d2conv_bwd_data_tuned, "BWD_DATA", grid, data_args)
+        step = points_per_launch(M, C, K, go.element_size())
+        for k0 in range(0, K, step):
+            kc = min(step, K - k0)
+            # the column gradient of kernel points k0 .. k0+kc-1, (groups, M, kc*Cg): one GEMM
+            w_t = w_r[:, k0:k0 + kc].reshape(groups, kc * Cg, Cog).transpose(1, 2)
+            gcol = torch.matmul(go_g, w_t).contiguous()
+            data_args.update(gcol_ptr=gcol, K_FIRST=k0, KC=kc, GCOL_M=kc * Cg,
+                             GCOL_G=M * kc * Cg)
+            configs.launch(d2conv_bwd_data_kernel, d2conv_bwd_data_tuned, "BWD_DATA", grid,
+                           data_args)
+            del gcol, data_args["gcol_ptr"]     # free before the next GEMM: one chunk at a time
         if need_input:
             grad_input = gx.to(dtype)
-        grad_coords, grad_mask = gcoord, gmask
+        if need_coords:
+            grad_coords = gcoord.to(coords.dtype)
+        grad_mask = gmask
 
     if need_weight or has_bias:
         groups, K, Cg, Cog = w_r.shape

@@ -9,6 +9,8 @@ Environment:
                              the Triton interpreter, where autotuning cannot run.
   D2CONV_CONFIG_<KERNEL>=... pin one config for one kernel (FWD, BWD_DATA, BWD_WEIGHT), e.g.
                              D2CONV_CONFIG_FWD="BLOCK_M=64,BLOCK_N=128,BLOCK_C=32,num_warps=4,num_stages=2"
+  D2CONV_GCOL_MIB=128        the most memory (MiB) the backward's column gradient takes at a
+                             time (kernels/backward.py, GCOL_BUDGET)
 """
 import os
 
@@ -35,7 +37,8 @@ def _cfg(num_warps, num_stages, **meta):
 
 # candidates per precision class, kept short: every config is a 4-20 s compile. Ordered by
 # their time at rf2 on an H100 (bench/ablate.py, bench/NOTES.md), but for the last 16-bit one of
-# each kernel, the best at the early shape (64 channels); the first of a class is what
+# the forward and weight kernels, the best at the early shape (64 channels; the data kernel's
+# first is best there and within 1% of the best at rf2); the first of a class is what
 # D2CONV_AUTOTUNE=0 launches. "16-bit": bf16/fp16 on tensor cores; "tf32": fp32 inputs with TF32
 # allowed (tiles twice the bytes: smaller channel blocks); "tf32x3": strict fp32 on the tensor
 # cores (three TF32 products, more registers); "ieee": strict fp32, whose tl.dot is FMA code
@@ -52,18 +55,15 @@ FWD = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64),
                   _cfg(8, 1, BLOCK_M=64, BLOCK_N=128, BLOCK_C=32)],
        "ieee": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=128, BLOCK_C=16),
                 _cfg(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_C=16)]}
-BWD_DATA = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
-                       _cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=64),
-                       _cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32),
-                       _cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=16)],
-            "tf32": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
-                     _cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32),
-                     _cfg(4, 1, BLOCK_M=32, BLOCK_O=64, BLOCK_C=32)],
-            "tf32x3": [_cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=32),
-                       _cfg(4, 1, BLOCK_M=32, BLOCK_O=64, BLOCK_C=32),
-                       _cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32)],
-            "ieee": [_cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=16),
-                     _cfg(4, 1, BLOCK_M=32, BLOCK_O=64, BLOCK_C=16)]}
+# the data kernel has no product of its own (its column gradient comes from a GEMM before it):
+# its classes differ by the bytes of the gathered input only
+BWD_DATA = {"16-bit": [_cfg(4, 1, BLOCK_M=64, BLOCK_C=16),
+                       _cfg(4, 1, BLOCK_M=32, BLOCK_C=64),
+                       _cfg(8, 1, BLOCK_M=64, BLOCK_C=32),
+                       _cfg(8, 1, BLOCK_M=64, BLOCK_C=64)]}
+BWD_DATA["tf32"] = BWD_DATA["tf32x3"] = BWD_DATA["ieee"] = [
+    _cfg(8, 1, BLOCK_M=64, BLOCK_C=32), _cfg(4, 1, BLOCK_M=64, BLOCK_C=16),
+    _cfg(4, 1, BLOCK_M=32, BLOCK_C=32)]
 BWD_WEIGHT = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=64),
                          _cfg(8, 1, BLOCK_M=128, BLOCK_O=256, BLOCK_C=32),
                          _cfg(8, 2, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
@@ -81,7 +81,10 @@ CANDIDATES = {"FWD": FWD, "BWD_DATA": BWD_DATA, "BWD_WEIGHT": BWD_WEIGHT}
 def all_candidates(kernel):
     """Every class's candidates of one kernel (what its autotuner is built with; prune keeps the
     launch's class)."""
-    return [c for configs in CANDIDATES[kernel].values() for c in configs]
+    unique = {}
+    for config in (c for configs in CANDIDATES[kernel].values() for c in configs):
+        unique.setdefault((str(config.kwargs), config.num_warps, config.num_stages), config)
+    return list(unique.values())
 
 
 def precision_class(args):
@@ -95,7 +98,7 @@ def precision_class(args):
 # under the interpreter: small blocks, so that tests with a few dozen channels run every loop
 # (several channel and output-channel blocks, several voxel blocks, masked tails)
 INTERPRETER = {"FWD": _cfg(4, 1, BLOCK_M=32, BLOCK_N=16, BLOCK_C=16),
-               "BWD_DATA": _cfg(4, 1, BLOCK_M=32, BLOCK_O=16, BLOCK_C=16),
+               "BWD_DATA": _cfg(4, 1, BLOCK_M=32, BLOCK_C=16),
                "BWD_WEIGHT": _cfg(4, 1, BLOCK_M=32, BLOCK_O=16, BLOCK_C=16)}
 
 # what each block dimension tiles (its extent is the named kernel argument); tl.dot needs >= 16

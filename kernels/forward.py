@@ -100,8 +100,9 @@ def dot_precision(dtype, backward=False):
     "highest"). Otherwise fp32 accuracy, by the faster of two ways measured on an H100
     (bench/NOTES.md): "ieee" (FMA code on the CUDA cores) for the forward, "tf32x3" (three TF32
     products per product on the tensor cores, as accurate as fp32: bench/precision.py) for the
-    backward; D2CONV_FP32_DOT=ieee or tf32x3 picks one for all three kernels. Irrelevant for
-    16-bit inputs."""
+    backward; D2CONV_FP32_DOT=ieee or tf32x3 picks one for the forward and weight kernels (the
+    data kernel's column gradient is a torch.matmul: cuBLAS at PyTorch's fp32 matmul precision).
+    Irrelevant for 16-bit inputs."""
     if dtype != torch.float32:
         return "ieee"
     if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":

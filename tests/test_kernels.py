@@ -75,6 +75,38 @@ def test_matches_reference(case):
     check_against_reference(case)
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[7], CASES[-3], CASES[-2]], ids=str)
+def test_data_kernel_in_several_launches(case, monkeypatch):
+    """The data kernel over a few kernel points per launch (two here, so a 3x3x3 kernel takes 14
+    launches, the last with one point): every point taken once, the size gradient summed across
+    launches."""
+    from kernels import backward
+    monkeypatch.setattr(backward, "points_per_launch", lambda *args: 2)
+    check_against_reference(case)
+
+
+def test_column_gradient_one_chunk_at_a_time(monkeypatch):
+    """The backward frees each launch's column gradient before the GEMM of the next (else two
+    chunks, twice GCOL_BUDGET, are held at the peak)."""
+    import weakref
+
+    from kernels import backward
+    monkeypatch.setattr(backward, "points_per_launch", lambda *args: 2)
+    chunks, live_before, matmul = [], [], torch.matmul
+
+    def recording_matmul(*args, **kwargs):
+        live_before.append(sum(ref() is not None for ref in chunks))
+        out = matmul(*args, **kwargs)
+        chunks.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(backward.torch, "matmul", recording_matmul)
+    case = Case(N=1, C=8, T=2, H=4, W=5, Co=8, mode="xyz")
+    x, c, w, b, m = (t.requires_grad_() if t is not None else t for t in make_inputs(case))
+    kernels.d2conv3d(x, c, w, b, padding=1, mask=m).sum().backward()
+    assert live_before == [0] * 14
+
+
 @pytest.mark.parametrize("mode", ["x", "xy", "xxz", "xyz"])
 def test_d2conv_equals_deform_on_expanded_offsets(mode):
     case = Case(N=1, C=8, T=2, H=4, W=5, Co=8, mode=mode)
@@ -221,7 +253,7 @@ _GROUPED = Case(N=1, C=12, T=2, H=4, W=5, Co=8, groups=2, G=3, mode="offset")
                                              ("tf32x3", _XYZ), ("ieee", _GROUPED)], ids=str)
 def test_fp32_products(precision, case, monkeypatch):
     """fp32's other products (the default is IEEE forward, three TF32 products backward): TF32
-    when PyTorch allows it (TF32's error), D2CONV_FP32_DOT=tf32x3 or ieee in all three kernels
+    when PyTorch allows it (TF32's error), D2CONV_FP32_DOT=tf32x3 or ieee in the forward and weight kernels
     (fp32's). The TF32 forward reads the weights with input channels contiguous; the interpreter
     checks that indexing (it multiplies in fp32 whatever the precision)."""
     if not ON_GPU and precision != "tf32":
