@@ -10,9 +10,6 @@ replaced (the results are wrong on purpose; only the time means something):
   no-gather    the A tile is the mask broadcast over channels, no input loads (index math + dot)
   no-dot       forward / weight kernel: the tl.dot replaced by a row sum (gather alone)
   store        the input gradient's atomics replaced by plain stores (racy; write traffic only)
-  gcol-load    data kernel: the column gradient grad_out @ W_k^T loaded as a tile of grad_out
-               instead of computed (no weight loads, no dot, grad_out not resident): what a
-               column gradient computed beforehand (one GEMM) would leave
 """
 import argparse
 import importlib
@@ -58,11 +55,6 @@ ABLATIONS = {
             "acc = tl.dot(tl.trans(a.to(go.dtype)), go, acc, input_precision=DOT_PRECISION)",
             "acc += tl.sum(a, axis=0)[:, None] + tl.sum(go.to(tl.float32), axis=0)[None, :]"),
     },
-    "gcol-load": {"backward.py": lambda s: s.replace(
-        "gcol = tl.dot(go, wt, gcol, input_precision=DOT_PRECISION)",
-        "gcol = tl.load(go_ptr + go_row[:, None] + (c0 + offs_c)[None, :],\n"
-        "                                       mask=m_ok[:, None] & ch_ok[None, :], other=0.0"
-        ").to(tl.float32)")},
     "store": {"sampling.py": lambda s: s.replace(
         "tl.atomic_add(ptr, w[:, None] * grad, mask=ok[:, None] & ch_ok[None, :],\n"
         "                              sem=\"relaxed\")",
@@ -132,7 +124,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="rf2", choices=sorted(SHAPES))
     parser.add_argument("--only", default="FWD,BWD_DATA,BWD_WEIGHT")
-    parser.add_argument("--ablations", default="one-corner,no-gather,no-dot,store,gcol-load")
+    parser.add_argument("--ablations", default="one-corner,no-gather,no-dot,store")
     parser.add_argument("--configs", default="",
                         help="extra configs to time, 'KERNEL:NAME=INT,...;...'")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float32-tf32"])
@@ -237,11 +229,9 @@ def main():
         fns = runs(variant(name, tmp))
         for kernel in only:
             for label in kernels_of[kernel]:
-                data_only = name in ("store", "gcol-load")
-                if data_only and (kernel != "BWD_DATA" or
-                                  name == "store" and label == "BWD_DATA(no input grad)"):
+                if name == "store" and label not in ("BWD_DATA", "BWD_DATA(input grad only)"):
                     continue
-                if not data_only and name != "full" and kernel == "BWD_DATA":
+                if name != "full" and name != "store" and kernel == "BWD_DATA":
                     continue            # the data kernel uses neither gather_tile nor a dot on A
                 rows.append((label, name, best[kernel][0], bench(fns[label])))
                 print(rows[-1], flush=True)
