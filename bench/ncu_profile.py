@@ -1,7 +1,7 @@
 """Hardware counters of each kernel of one forward+backward, d2conv3d against dense cuDNN
 (Nsight Compute): achieved TFLOP/s, L2 and DRAM bytes, tensor-pipe and issue-slot use, stalls.
 
-    PYTHONPATH=. python bench/profile.py [--shape rf2] [--dtype bfloat16] [--out FILE.csv]
+    PYTHONPATH=. python bench/ncu_profile.py [--shape rf2] [--dtype bfloat16] [--out FILE.csv]
 
 Runs itself under `ncu` (clocks not locked, so times are the card's own): a warm-up that
 compiles, then one forward+backward of each op inside cudaProfilerStart/Stop. Kernel configs are
