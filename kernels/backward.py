@@ -231,8 +231,8 @@ def _programs_per_device(device):
 
 # bytes of column gradient per data-kernel launch (at least one kernel point's; environment
 # D2CONV_GCOL_MIB). Fewer launches are faster (rf2, bf16, H100, one kernel point is 25 MiB: 27
-# launches 4.80 ms, 14 3.93, 6 3.40, 1 3.17) but hold more memory: 128 MiB keeps rf2's extra
-# peak memory under twice dense cuDNN's
+# launches 4.80 ms, 14 3.93, 6 3.40, 1 3.17) but hold more memory: with 128 MiB rf2's extra
+# peak is predicted at ~210 MiB, dense cuDNN's 157 (bench/NOTES.md, session 9)
 GCOL_BUDGET = int(os.environ.get("D2CONV_GCOL_MIB", "128")) * 2**20
 
 
