@@ -275,8 +275,8 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
     dev, dtype = input.device, input.dtype
     reproducible = deterministic(dev, need_input)
     go = grad_out.permute(0, 2, 3, 4, 1).contiguous()
-    args["go_ptr"] = go
     N, C, T, H, W = input.shape
+    groups, K, Cg, Cog = w_r.shape
     grad_input = grad_coords = grad_mask = grad_weight = grad_bias = None
     need_mask = need_mask and mask is not None
 
@@ -284,18 +284,16 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
         # channels-last memory: (N, T, H, W, C) in the kernel's eyes
         gx = (torch.empty((N, C, T, H, W), device=dev, dtype=torch.float32,
                           memory_format=torch.channels_last_3d).zero_() if need_input else None)
-        coords = args["coord_ptr"]
         # sizes are summed over kernel points, across launches when there are several: fp32
-        gcoord = (torch.empty_like(coords, dtype=torch.float32 if mode != "offset" else None)
+        gcoord = (torch.empty_like(args["coord_ptr"],
+                                   dtype=torch.float32 if mode != "offset" else None)
                   if need_coords else None)
         gmask = torch.empty_like(args["mask_ptr"]) if need_mask else None
         unused = torch.empty(1, device=dev, dtype=torch.float32)
-        data_args = dict({k: v for k, v in args.items() if k != "go_ptr"},
-                         gx_ptr=gx if need_input else unused,
+        data_args = dict(args, gx_ptr=gx if need_input else unused,
                          gcoord_ptr=gcoord if need_coords else unused,
                          gmask_ptr=gmask if need_mask else unused,
                          NEED_INPUT=need_input, NEED_COORD=need_coords, NEED_MASK=need_mask)
-        groups, K, Cg, Cog = w_r.shape
         M = args["M"]
         go_g = go.view(M, groups, Cog).transpose(0, 1)      # (groups, M, Cog)
 
@@ -320,10 +318,9 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
         grad_mask = gmask
 
     if need_weight or has_bias:
-        groups, K, Cg, Cog = w_r.shape
         gw = torch.zeros((groups, K, Cg, Cog), device=dev, dtype=torch.float32)
         gb = torch.zeros((geo.Co,), device=dev, dtype=torch.float32)
-        weight_args = dict(args, gw_ptr=gw, gb_ptr=gb, HAS_BIAS=has_bias)
+        weight_args = dict(args, go_ptr=go, gw_ptr=gw, gb_ptr=gb, HAS_BIAS=has_bias)
         # deterministic: one program per weight tile, so every element gets exactly one atomic
         target = 1 if reproducible else _programs_per_device(dev)
 
