@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))     # for test_kernels
+
 WANTED = [  # (column, metric); metrics this ncu does not know are left out with a notice
     ("ms", "gpu__time_duration.sum"),
     ("regs", "launch__registers_per_thread"),
@@ -45,18 +47,12 @@ def run_ops(shape, dtype_name):
     """The warm-up, then one profiled forward+backward of dense and of d2conv3d."""
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from test_kernels import DTYPES, SHAPES, make
+    from test_kernels import DTYPES, SHAPES, make, timed
 
     tf32 = dtype_name == "float32-tf32"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    runs = []
-    for op in ("dense", "d2conv3d"):
-        fn, inputs = make(SHAPES[shape], DTYPES[dtype_name], op)
-        leaves = [t.requires_grad_() for t in inputs]
-        grad_out = torch.randn_like(fn(*leaves))
-        runs.append(lambda fn=fn, leaves=leaves, g=grad_out:
-                    torch.autograd.grad(fn(*leaves), leaves, g))
+    runs = [timed(*make(SHAPES[shape], DTYPES[dtype_name], op), "fwdbwd")
+            for op in ("dense", "d2conv3d")]
     for run in runs:
         run()                     # compiles
     torch.cuda.synchronize()
@@ -114,7 +110,6 @@ def main():
         except ValueError:
             pass
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from test_kernels import SHAPES
     N, C, Co, T, H, W = SHAPES[args.shape]
     flops = 2 * N * T * H * W * C * Co * 27
