@@ -7,10 +7,10 @@ so a new video size reuses the tuned config of its bucket. Triton adds the tenso
 Environment:
   D2CONV_AUTOTUNE=0          use each kernel's default config (no tuning); always the case under
                              the Triton interpreter, where autotuning cannot run.
-  D2CONV_CONFIG_<KERNEL>=... pin one config for one kernel (FWD, BWD_DATA, BWD_WEIGHT), e.g.
+  D2CONV_CONFIG_<KERNEL>=... pin one config for one kernel (FWD, BWD_DATA), e.g.
                              D2CONV_CONFIG_FWD="BLOCK_M=64,BLOCK_N=128,BLOCK_C=32,num_warps=4,num_stages=2"
-  D2CONV_GCOL_MIB=128        the most memory (MiB) the backward's column gradient takes at a
-                             time (kernels/backward.py, GCOL_BUDGET)
+  D2CONV_GCOL_MIB=128        the most memory (MiB) the backward's columns (their gradient, then
+                             the sampled columns) take at a time (kernels/backward.py)
 """
 import os
 
@@ -37,8 +37,8 @@ def _cfg(num_warps, num_stages, **meta):
 
 # candidates per precision class, kept short: every config is a 4-20 s compile. Ordered by
 # their time at rf2 on an H100 (bench/ablate.py, bench/NOTES.md), but for the last 16-bit one of
-# the forward and weight kernels, the best at the early shape (64 channels; the data kernel's
-# first is best there and within 1% of the best at rf2); the first of a class is what
+# the forward, the best at the early shape (64 channels; the data kernel's first is best there
+# and within 1% of the best at rf2); the first of a class is what
 # D2CONV_AUTOTUNE=0 launches. "16-bit": bf16/fp16 on tensor cores; "tf32": fp32 inputs with TF32
 # allowed (tiles twice the bytes: smaller channel blocks); "tf32x3": strict fp32 on the tensor
 # cores (three TF32 products, more registers); "ieee": strict fp32, whose tl.dot is FMA code
@@ -64,18 +64,7 @@ BWD_DATA = {"16-bit": [_cfg(4, 1, BLOCK_M=64, BLOCK_C=16),
 BWD_DATA["tf32"] = BWD_DATA["tf32x3"] = BWD_DATA["ieee"] = [
     _cfg(8, 1, BLOCK_M=64, BLOCK_C=32), _cfg(4, 1, BLOCK_M=64, BLOCK_C=16),
     _cfg(4, 1, BLOCK_M=32, BLOCK_C=32)]
-BWD_WEIGHT = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=64),
-                         _cfg(8, 1, BLOCK_M=128, BLOCK_O=256, BLOCK_C=32),
-                         _cfg(8, 2, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
-                         _cfg(8, 2, BLOCK_M=64, BLOCK_O=128, BLOCK_C=64),
-                         _cfg(4, 2, BLOCK_M=64, BLOCK_O=64, BLOCK_C=64)],
-              "tf32": [_cfg(8, 2, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
-                       _cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32)],
-              "tf32x3": [_cfg(8, 1, BLOCK_M=64, BLOCK_O=256, BLOCK_C=32),
-                         _cfg(8, 2, BLOCK_M=64, BLOCK_O=128, BLOCK_C=32)],
-              "ieee": [_cfg(4, 1, BLOCK_M=64, BLOCK_O=64, BLOCK_C=16),
-                       _cfg(8, 1, BLOCK_M=64, BLOCK_O=128, BLOCK_C=16)]}
-CANDIDATES = {"FWD": FWD, "BWD_DATA": BWD_DATA, "BWD_WEIGHT": BWD_WEIGHT}
+CANDIDATES = {"FWD": FWD, "BWD_DATA": BWD_DATA}
 
 
 def all_candidates(kernel):
@@ -98,11 +87,10 @@ def precision_class(args):
 # under the interpreter: small blocks, so that tests with a few dozen channels run every loop
 # (several channel and output-channel blocks, several voxel blocks, masked tails)
 INTERPRETER = {"FWD": _cfg(4, 1, BLOCK_M=32, BLOCK_N=16, BLOCK_C=16),
-               "BWD_DATA": _cfg(4, 1, BLOCK_M=32, BLOCK_C=16),
-               "BWD_WEIGHT": _cfg(4, 1, BLOCK_M=32, BLOCK_O=16, BLOCK_C=16)}
+               "BWD_DATA": _cfg(4, 1, BLOCK_M=32, BLOCK_C=16)}
 
 # what each block dimension tiles (its extent is the named kernel argument); tl.dot needs >= 16
-_EXTENT = {"BLOCK_N": "Cog", "BLOCK_O": "Cog", "BLOCK_C": "SEG"}
+_EXTENT = {"BLOCK_N": "Cog", "BLOCK_C": "SEG"}
 
 
 def _fit(config, args):

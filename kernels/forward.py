@@ -94,15 +94,13 @@ d2conv_fwd_tuned = triton.autotune(configs.all_candidates("FWD"), key=configs.KE
     d2conv_fwd_kernel)
 
 
-def dot_precision(dtype, backward=False):
+def dot_precision(dtype):
     """tl.dot's input_precision for fp32 inputs: "tf32" when PyTorch allows TF32 for matmuls
     (``torch.backends.cuda.matmul.allow_tf32``, or a float32 matmul precision other than
-    "highest"). Otherwise fp32 accuracy, by the faster of two ways measured on an H100
-    (bench/NOTES.md): "ieee" (FMA code on the CUDA cores) for the forward, "tf32x3" (three TF32
-    products per product on the tensor cores, as accurate as fp32: bench/precision.py) for the
-    backward; D2CONV_FP32_DOT=ieee or tf32x3 picks one for the forward and weight kernels (the
-    data kernel's column gradient is a torch.matmul: cuBLAS at PyTorch's fp32 matmul precision).
-    Irrelevant for 16-bit inputs."""
+    "highest"), like the backward's cuBLAS GEMMs. Otherwise fp32 accuracy: "ieee" (FMA code on
+    the CUDA cores, the faster of two ways on an H100: bench/NOTES.md), or "tf32x3" (three TF32
+    products per product on the tensor cores, as accurate: bench/precision.py) when
+    D2CONV_FP32_DOT=tf32x3. Irrelevant for 16-bit inputs."""
     if dtype != torch.float32:
         return "ieee"
     if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
@@ -110,11 +108,11 @@ def dot_precision(dtype, backward=False):
     strict = os.environ.get("D2CONV_FP32_DOT", "")
     if strict not in ("", "ieee", "tf32x3"):
         raise ValueError(f"D2CONV_FP32_DOT must be 'ieee' or 'tf32x3', got {strict!r}")
-    return strict or ("tf32x3" if backward else "ieee")
+    return strict or "ieee"
 
 
 def kernel_args(geo, input, coords, weight, mask, mode, backward=False):
-    """Arguments shared by all three kernels (``backward``: by the two backward kernels), and the
+    """Arguments shared by the forward and the backward's data kernel (``backward``), and the
     channels-last input / reshaped weight.
 
     Returns (args, x_cl, w_r): x_cl (N, T, H, W, C); w_r (groups, K, Cg, Cog), or (groups, K,
@@ -126,11 +124,11 @@ def kernel_args(geo, input, coords, weight, mask, mode, backward=False):
     Cg, Cog, Cpg = C // groups, Co // groups, C // G
     M = N * To * Ho * Wo
     x_cl = input.permute(0, 2, 3, 4, 1).contiguous()
-    precision = dot_precision(input.dtype, backward)
+    precision = dot_precision(input.dtype)
     # TF32 tensor-core products in the forward take the weight tile with its reduction axis
     # (input channels) contiguous, else Triton transposes each tile through shared memory (rf2,
     # H100: 5.4 -> 2.6 ms); 16-bit and FMA products keep the layout they were tuned with (Cog
-    # contiguous); the data kernel's product already reads it K-major
+    # contiguous), and so does the backward (its GEMMs take it either way)
     w_c_major = not backward and precision in ("tf32", "tf32x3")    # never for 16-bit dtypes
     w_r = weight.reshape(groups, Cog, Cg, K)
     w_r = (w_r.permute(0, 3, 1, 2) if w_c_major else w_r.permute(0, 3, 2, 1)).contiguous()

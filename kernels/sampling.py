@@ -125,18 +125,22 @@ def gather_tile(x_ptr, row0, ch, ch_ok, HWC, WC, C,
 @triton.jit
 def gather_dot(x_ptr, row0, ch, ch_ok, HWC, WC, C, grad, t_v, t_z, t_y, t_x,
                fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, TAPS: tl.constexpr):
-    """Accumulate grad * (value and its position derivatives) of one kernel point, unreduced.
+    """Accumulate grad * (value and its position derivatives) of one kernel point, unreduced;
+    return them with the sampled value.
 
     grad: [BLOCK_M, BLOCK_C] fp32, the gradient of the sampled (unmasked) values.
     t_v, t_z, t_y, t_x: [BLOCK_M, BLOCK_C] fp32 accumulators (in the layout of grad) of
     grad * value, grad * dvalue/dz, .../dy, .../dx; their row sums, taken once per kernel point
     by the caller, are the mask and position gradients. Summing rows per corner instead costs a
     layout conversion and a cross-warp reduction per corner. The two x corners are taken as a
-    pair: grad * (their lerp along x) feeds t_v, t_z, t_y and grad * (their difference) feeds
-    t_x: fewer operations per element than weighting each corner apart (and fewer
-    registers: bench/NOTES.md, session 8). The derivatives are right derivatives (corners held
-    fixed); an axis with one tap leaves its accumulator untouched.
+    pair: their lerp along x feeds the value and the z and y derivatives, grad * (their
+    difference) feeds t_x: fewer operations per element than weighting each corner apart (and
+    fewer registers: bench/NOTES.md, session 8). The derivatives are right derivatives (corners
+    held fixed); an axis with one tap leaves its accumulator untouched.
+    Returns (t_v, t_z, t_y, t_x, value): value is the fp32 [BLOCK_M, BLOCK_C] trilinear sample
+    (what gather_tile gives with scale 1), the weight gradient's column.
     """
+    value = tl.zeros(grad.shape, tl.float32)
     for cz in tl.static_range(1 + (TAPS >> 2) % 2):
         wz, okz = _tap(cz, fz, okz0, okz1)
         for cy in tl.static_range(1 + (TAPS >> 1) % 2):
@@ -149,16 +153,18 @@ def gather_dot(x_ptr, row0, ch, ch_ok, HWC, WC, C, grad, t_v, t_z, t_y, t_x,
                 v1 = tl.load(ptr + C, mask=(ok & okx1)[:, None] & ch_ok[None, :],
                              other=0.0).to(tl.float32)
                 dx = v1 - v0
-                p = grad * (v0 + fx[:, None] * dx)
+                v = v0 + fx[:, None] * dx
                 t_x += (wz * wy)[:, None] * (grad * dx)
             else:
-                p = grad * v0
-            t_v += (wz * wy)[:, None] * p
+                v = v0
+            value += (wz * wy)[:, None] * v
+            p = grad * v                # compiled away where z and y have one tap each
             if (TAPS >> 2) % 2 == 1:
                 t_z += ((2 * cz - 1) * wy)[:, None] * p
             if (TAPS >> 1) % 2 == 1:
                 t_y += ((2 * cy - 1) * wz)[:, None] * p
-    return t_v, t_z, t_y, t_x
+    t_v += grad * value
+    return t_v, t_z, t_y, t_x, value
 
 
 @triton.jit

@@ -25,13 +25,15 @@ def test_kernels_compile_for_sm90():
         env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    # 3 dtypes x 3 kernels, each with its registers read back from the cubin, and channel rows
+    # 3 dtypes x 2 kernels, each with its registers read back from the cubin, and channel rows
     # moved several channels per instruction (a runtime mask or offset along the channels that
-    # Triton cannot prove aligned turns them into one load / atomic per element)
-    assert len(lines) == 9, result.stdout
+    # Triton cannot prove aligned turns them into one load / atomic per element); the data
+    # kernel's column tiles stored by the threads that loaded them (it overwrites its input)
+    assert len(lines) == 6, result.stdout
     for line in lines:
         regs = int(line.split(":")[-1].split("regs")[0])
         assert 0 < regs <= 255, line
         assert int(line.split(" vector loads")[0].split()[-1]) > 0, line
         if "BWD_DATA" in line:
             assert int(line.split(" vector atomics")[0].split()[-1]) > 0, line
+            assert line.endswith("tile stores in place"), line

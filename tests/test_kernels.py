@@ -85,26 +85,51 @@ def test_data_kernel_in_several_launches(case, monkeypatch):
     check_against_reference(case)
 
 
-def test_column_gradient_one_chunk_at_a_time(monkeypatch):
-    """The backward frees each launch's column gradient before the GEMM of the next (else two
-    chunks, twice GCOL_BUDGET, are held at the peak)."""
+def test_columns_one_chunk_at_a_time(monkeypatch):
+    """The backward frees each launch's columns before the GEMM that makes the next chunk (else
+    two chunks, twice GCOL_BUDGET, are held at the peak); the weight GEMM reads the live one."""
     import weakref
 
     from kernels import backward
     monkeypatch.setattr(backward, "points_per_launch", lambda *args: 2)
-    chunks, live_before, matmul = [], [], torch.matmul
+    case = Case(N=1, C=8, T=2, H=4, W=5, Co=8, mode="xyz")
+    M = case.N * case.T * case.H * case.W
+    chunks, calls, matmul = [], [], torch.matmul
 
     def recording_matmul(*args, **kwargs):
-        live_before.append(sum(ref() is not None for ref in chunks))
         out = matmul(*args, **kwargs)
-        chunks.append(weakref.ref(out))
+        makes_chunk = out.shape[1] == M        # (groups, M, points*Cg); the weight's: (.., Cog)
+        calls.append(("chunk" if makes_chunk else "weight",
+                      sum(ref() is not None for ref in chunks)))
+        if makes_chunk:
+            chunks.append(weakref.ref(out))
         return out
 
     monkeypatch.setattr(backward.torch, "matmul", recording_matmul)
-    case = Case(N=1, C=8, T=2, H=4, W=5, Co=8, mode="xyz")
     x, c, w, b, m = (t.requires_grad_() if t is not None else t for t in make_inputs(case))
     kernels.d2conv3d(x, c, w, b, padding=1, mask=m).sum().backward()
-    assert live_before == [0] * 14
+    # live chunks when each GEMM is called: none before a chunk's, its own at the weight's
+    assert calls == [("chunk", 0), ("weight", 1)] * 14
+
+
+@pytest.mark.parametrize("wanted", [("weight",), ("input", "weight"), ("coords", "mask"),
+                                    ("input",)], ids="+".join)
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=str)
+def test_some_gradients(case, wanted):
+    """The backward computes what autograd asks for: only the weight (the data kernel then
+    gathers the columns and reads no column gradient), the input and the weight (no size or
+    mask reductions), ... each against the reference, the others left out."""
+    x, c, w, b, m = make_inputs(case)
+    inputs = dict(zip(NAMES, (x, c, w, b, m)))
+    for name, t in inputs.items():
+        t.requires_grad_(name in wanted)
+    out = apply(case, x, c, w, b, m)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [inputs[name] for name in wanted], grad_out)
+    ref_out, ref_grads = reference(case, [x, c, w, b, m], grad_out)
+    assert rel_err(out, ref_out) <= 1e-5
+    for name, g in zip(wanted, grads):
+        assert rel_err(g, ref_grads[NAMES.index(name)]) <= 1e-5, name
 
 
 @pytest.mark.parametrize("mode", ["x", "xy", "xxz", "xyz"])
@@ -252,8 +277,8 @@ _GROUPED = Case(N=1, C=12, T=2, H=4, W=5, Co=8, groups=2, G=3, mode="offset")
 @pytest.mark.parametrize("precision, case", [("tf32", _XYZ), ("tf32", _GROUPED),
                                              ("tf32x3", _XYZ), ("ieee", _GROUPED)], ids=str)
 def test_fp32_products(precision, case, monkeypatch):
-    """fp32's other products (the default is IEEE forward, three TF32 products backward): TF32
-    when PyTorch allows it (TF32's error), D2CONV_FP32_DOT=tf32x3 or ieee in the forward and weight kernels
+    """fp32's other products (the default is an IEEE forward): TF32 when PyTorch allows it (TF32's
+    error, in the forward and the backward's GEMMs), D2CONV_FP32_DOT=tf32x3 or ieee in the forward
     (fp32's). The TF32 forward reads the weights with input channels contiguous; the interpreter
     checks that indexing (it multiplies in fp32 whatever the precision)."""
     if not ON_GPU and precision != "tf32":

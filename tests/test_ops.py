@@ -221,14 +221,13 @@ def test_deterministic_backward_is_bitwise_reproducible(deterministic_algorithms
 
 
 def test_fp32_precision_choice(monkeypatch):
-    """Strict fp32: IEEE forward and three-TF32 backward unless D2CONV_FP32_DOT picks one; TF32
-    when PyTorch allows it; a bad choice is an error naming the variable."""
+    """Strict fp32: an IEEE forward unless D2CONV_FP32_DOT picks three TF32 products; TF32 when
+    PyTorch allows it; a bad choice is an error naming the variable."""
     from kernels.forward import dot_precision
     monkeypatch.delenv("D2CONV_FP32_DOT", raising=False)
-    assert (dot_precision(torch.float32), dot_precision(torch.float32, backward=True)) == (
-        "ieee", "tf32x3")
+    assert dot_precision(torch.float32) == "ieee"
     monkeypatch.setenv("D2CONV_FP32_DOT", "ieee")
-    assert dot_precision(torch.float32, backward=True) == "ieee"
+    assert dot_precision(torch.float32) == "ieee"
     monkeypatch.setenv("D2CONV_FP32_DOT", "tf32x3")
     assert dot_precision(torch.float32) == "tf32x3"
     monkeypatch.setenv("D2CONV_FP32_DOT", "fast")
