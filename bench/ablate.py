@@ -2,13 +2,13 @@
 bf16, xyz, mask), per config, and with parts of its work removed. One device call; prints a
 table (bench/NOTES.md quotes it).
 
-    PYTHONPATH=. python bench/ablate.py [--shape rf2] [--only FWD,BWD_DATA,BWD_WEIGHT]
+    PYTHONPATH=. python bench/ablate.py [--shape rf2] [--only FWD,BWD_DATA]
 
 Ablations are built by copying ``kernels/`` to a temporary package with one piece of source
 replaced (the results are wrong on purpose; only the time means something):
   one-corner   the gather reads corner (0,0,0) only, unblended (the cost of the 8-corner blend)
   no-gather    the A tile is the mask broadcast over channels, no input loads (index math + dot)
-  no-dot       forward / weight kernel: the tl.dot replaced by a row sum (gather alone)
+  no-dot       forward: the tl.dot replaced by a row sum (gather alone)
   store        the input gradient's atomics replaced by plain stores (racy; write traffic only)
 """
 import argparse
@@ -51,9 +51,6 @@ ABLATIONS = {
         "forward.py": lambda s: s.replace(
             "acc = tl.dot(a.to(w_tile.dtype), w_tile, acc, input_precision=DOT_PRECISION)",
             "acc += tl.sum(a, axis=1)[:, None] + tl.sum(w_tile.to(tl.float32), axis=0)[None, :]"),
-        "backward.py": lambda s: s.replace(
-            "acc = tl.dot(tl.trans(a.to(go.dtype)), go, acc, input_precision=DOT_PRECISION)",
-            "acc += tl.sum(a, axis=0)[:, None] + tl.sum(go.to(tl.float32), axis=0)[None, :]"),
     },
     "store": {"sampling.py": lambda s: s.replace(
         "tl.atomic_add(ptr, w[:, None] * grad, mask=ok[:, None] & ch_ok[None, :],\n"
@@ -123,7 +120,7 @@ def bench(fn):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="rf2", choices=sorted(SHAPES))
-    parser.add_argument("--only", default="FWD,BWD_DATA,BWD_WEIGHT")
+    parser.add_argument("--only", default="FWD,BWD_DATA")
     parser.add_argument("--ablations", default="one-corner,no-gather,no-dot,store")
     parser.add_argument("--configs", default="",
                         help="extra configs to time, 'KERNEL:NAME=INT,...;...'")
@@ -131,8 +128,6 @@ def main():
     parser.add_argument("--l2", action="store_true", help="also measure L2 bandwidth (GB/s)")
     parser.add_argument("--extra-only", action="store_true",
                         help="time only the --configs, not the candidates of kernels/configs.py")
-    parser.add_argument("--weight-waves", default="",
-                        help="also time the weight kernel aiming at these many programs per SM")
     args = parser.parse_args()
     os.environ["D2CONV_AUTOTUNE"] = "0"
     torch.manual_seed(0)
@@ -164,22 +159,25 @@ def main():
         geo = checks.check_args(x, s, w, None, 1, 1, 1, m, 1, "xyz")
         return {
             "FWD": lambda: fwd.d2conv_fwd(geo, x, s, w, None, m, "xyz"),
-            # input + size + mask gradients (atomics, gathers, GEMM)
+            # input + size + mask gradients (atomics, gathers, the column gradient's GEMMs)
             "BWD_DATA": lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", False,
                                                True, True, True, False),
             "BWD_DATA(no input grad)": lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", False,
                                                               False, True, True, False),
             "BWD_DATA(input grad only)": lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", False,
                                                                 True, False, False, False),
-            "BWD_WEIGHT": lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", False,
-                                                 False, False, False, True),
+            # the whole backward: with the sampled columns and the weight GEMMs
+            "BWD_DATA(all gradients)": lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", True,
+                                                              True, True, True, True),
+            "BWD_DATA(weight only)": lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", False,
+                                                            False, False, False, True),
         }
 
     from kernels import configs
     from kernels.forward import dot_precision
     kernels_of = {"FWD": ["FWD"], "BWD_DATA": ["BWD_DATA", "BWD_DATA(no input grad)",
-                                               "BWD_DATA(input grad only)"],
-                  "BWD_WEIGHT": ["BWD_WEIGHT"]}
+                                               "BWD_DATA(input grad only)",
+                                               "BWD_DATA(all gradients)", "BWD_DATA(weight only)"]}
     only = [k for k in args.only.split(",") if k]
     extra = {}
     for item in filter(None, args.configs.split(";")):
@@ -194,8 +192,7 @@ def main():
     full = runs(variant("full", None))
     best = {}
     for kernel in only:
-        cls = configs.precision_class({"x_ptr": x, "DOT_PRECISION": dot_precision(
-            dt, backward=kernel != "FWD")})
+        cls = configs.precision_class({"x_ptr": x, "DOT_PRECISION": dot_precision(dt)})
         texts = ([] if args.extra_only else
                  [config_text(c) for c in configs.CANDIDATES[kernel][cls]])
         texts += extra.get(kernel, [])
@@ -211,17 +208,6 @@ def main():
             if kernel not in best or ms < best[kernel][1]:
                 best[kernel] = (text, ms)
         os.environ[f"D2CONV_CONFIG_{kernel}"] = best[kernel][0]
-
-    # 1b. the weight kernel's split over voxels: programs aimed at per SM
-    import kernels.backward as backward
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    default_programs = backward._programs_per_device
-    for waves in filter(None, args.weight_waves.split(",") if "BWD_WEIGHT" in best else []):
-        backward._programs_per_device = lambda device, waves=float(waves): int(waves * sms)
-        rows.append(("BWD_WEIGHT", f"waves={waves}", best["BWD_WEIGHT"][0],
-                     bench(full["BWD_WEIGHT"])))
-        print(rows[-1], flush=True)
-    backward._programs_per_device = default_programs
 
     # 2. with the best config of each kernel: the parts, and the ablations
     tmp = tempfile.mkdtemp()

@@ -1,11 +1,11 @@
-"""Compile the three kernels for a GPU target without a GPU (Triton's bundled compiler) and print
-each config's registers, spills and shared memory: a quick check of a kernel edit on a CPU
-machine before device time is spent. Arguments are specialised as a launch specialises them
+"""Compile the kernels for a GPU target without a GPU (Triton's bundled compiler) and print each
+config's registers, spills and shared memory: a quick check of a kernel edit on a CPU machine
+before device time is spent. Arguments are specialised as a launch specialises them
 (alignment and divisibility by 16, integers equal to 1 as constants): without that, loads
 compile scalar.
 
     python bench/compile_check.py [--shape rf2] [--dtype bfloat16 float32-tf32 ...] [--first]
-                                  [--kernel FWD BWD_DATA BWD_WEIGHT]
+                                  [--kernel FWD BWD_DATA]
 
 tests/test_compile.py runs it on a tiny shape in CI, where the kernels otherwise only run under
 the interpreter, which does not compile them.
@@ -114,6 +114,19 @@ def vector_ops(compiled):
             len(re.findall(r"(?:red|atom)\.global(?:\.\w+)*\.v[248]\.", ptx)))
 
 
+def stores_in_place(compiled):
+    """Whether every tile store goes through the very pointer tile, in the very layout, of a load
+    (meant for the data kernel, whose only tile stores write its columns over the column
+    gradient it has just read): then each thread stores the elements it loaded itself (in
+    another layout a warp could overwrite elements that another warp has yet to load). False
+    when it stores no tile."""
+    ttgir = compiled.asm["ttgir"]
+    tile = r"(%[\w.]+)[^:\n]* : (tensor<\d+x\d+x[^>]*>, #[\w.]+)"    # pointer, type and layout
+    loaded = set(re.findall(r"= tt\.load " + tile, ttgir))
+    stored = set(re.findall(r"tt\.store " + tile, ttgir))
+    return bool(stored) and stored <= loaded
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="rf2", choices=SHAPES)
@@ -144,7 +157,10 @@ def main():
                       f"{str(config.kwargs):50} w{config.num_warps} s{config.num_stages}: "
                       f"{regs} regs, {local} B stack/local (spills), "
                       f"{compiled.metadata.shared} B shared, {loads} vector loads, "
-                      f"{atomics} vector atomics", flush=True)
+                      f"{atomics} vector atomics"
+                      + ("" if name != "BWD_DATA" else ", tile stores in place"
+                         if stores_in_place(compiled) else ", tile stores NOT IN PLACE"),
+                      flush=True)
 
 
 if __name__ == "__main__":

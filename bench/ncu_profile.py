@@ -6,8 +6,9 @@
 Runs itself under `ncu` (clocks not locked, so times are the card's own): a warm-up that
 compiles, then one forward+backward of each op inside cudaProfilerStart/Stop. Kernel configs are
 the first candidates of kernels/configs.py (D2CONV_AUTOTUNE=0), the autotuner's pick at rf2.
-Prints one row per kernel longer than 20 us; FLOPs are the convolution's 2·M·C·Co·27 for each
-of the three d2conv3d kernels (forward, data: grad_out @ W^T, weight) and for cuDNN's three.
+Prints one row per kernel longer than 20 us; TFLOP/s are the convolution's 2·M·C·Co·27 over
+the time of d2conv3d's forward and of each of cuDNN's three kernels (d2conv3d's backward is
+its data kernel between cuBLAS GEMMs, a pair per few kernel points: those rows are chunks).
 """
 import argparse
 import csv
@@ -125,8 +126,8 @@ def main():
         for column, metric in zip(columns, metrics):
             value = values.get(metric)
             cells.append("" if value is None else f"{value * SCALE.get(column, 1):.3g}")
-        is_conv = name.startswith("d2conv_") or any(
-            s in name.lower() for s in ("conv", "dgrad", "wgrad", "fprop", "xmma", "cutlass"))
+        is_conv = name.startswith("d2conv_fwd") or any(
+            s in name.lower() for s in ("conv", "dgrad", "wgrad", "fprop"))
         cells.append(f"{flops / (ms * 1e-3) / 1e12:.0f}" if is_conv else "")
         print(" | ".join(cells))
 
