@@ -89,4 +89,6 @@ for shape_name, C in (("rf2", 256), ("rf2_in512", 512)):
     t_data = bench(lambda: d2conv_bwd(geo, go, x, s, w, m, "xyz", False, True, True, True, False))
     t_data_noin = bench(lambda: d2conv_bwd(geo, go, x, s, w, m, "xyz", False, False, True, True, False))
     t_w = bench(lambda: d2conv_bwd(geo, go, x, s, w, m, "xyz", True, False, False, False, True))
-    print(f"{shape_name} bwd split: data {t_data:.3f} (without input grad {t_data_noin:.3f}) weight {t_w:.3f}", flush=True)
+    t_all = bench(lambda: d2conv_bwd(geo, go, x, s, w, m, "xyz", True, True, True, True, True))
+    print(f"{shape_name} bwd split: data {t_data:.3f} (without input grad {t_data_noin:.3f}) "
+          f"weight only (columns + GEMMs) {t_w:.3f} all gradients {t_all:.3f}", flush=True)
