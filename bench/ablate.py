@@ -186,7 +186,8 @@ def main():
 
     def config_text(cfg):
         return ",".join([f"{k}={v}" for k, v in cfg.kwargs.items()]
-                        + [f"num_warps={cfg.num_warps}", f"num_stages={cfg.num_stages}"])
+                        + [f"num_warps={cfg.num_warps}", f"num_stages={cfg.num_stages}"]
+                        + ([f"maxnreg={cfg.maxnreg}"] if cfg.maxnreg else []))
 
     # 1. every candidate config of each kernel, on the full kernels
     full = runs(variant("full", None))

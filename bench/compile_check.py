@@ -86,6 +86,8 @@ def compile_one(kernel, args, config, arch):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    if config.maxnreg is not None:
+        options["maxnreg"] = config.maxnreg
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 

@@ -9,6 +9,7 @@ Environment:
                              the Triton interpreter, where autotuning cannot run.
   D2CONV_CONFIG_<KERNEL>=... pin one config for one kernel (FWD, BWD_DATA), e.g.
                              D2CONV_CONFIG_FWD="BLOCK_M=64,BLOCK_N=128,BLOCK_C=32,num_warps=4,num_stages=2"
+                             (maxnreg=N caps the registers per thread)
   D2CONV_GCOL_MIB=128        the most memory (MiB) the backward's columns (their gradient, then
                              the sampled columns) take at a time (kernels/backward.py)
 """
@@ -17,8 +18,9 @@ import os
 import torch
 import triton
 
-# which launch parameters are meta-parameters (the rest are num_warps / num_stages)
-_LAUNCH = ("num_warps", "num_stages")
+# the launch parameters of a config (the rest of its parameters are the kernel's meta-parameters);
+# maxnreg caps the registers per thread (more programs per SM, at the cost of spills)
+_LAUNCH = ("num_warps", "num_stages", "maxnreg")
 
 KEY = ["C", "Cog", "Cg", "SEG", "G", "KD", "KH", "KW", "SD", "SH", "SW", "DD", "DH", "DW",
        "IS_OFFSET", "SZ_CH", "SY_CH", "SX_CH", "HAS_MASK", "DOT_PRECISION", "M_BUCKET"]
@@ -99,7 +101,8 @@ def _fit(config, args):
     for name, extent in _EXTENT.items():
         if name in meta:
             meta[name] = min(meta[name], max(16, triton.next_power_of_2(args[extent])))
-    return triton.Config(meta, num_warps=config.num_warps, num_stages=config.num_stages)
+    return triton.Config(meta, num_warps=config.num_warps, num_stages=config.num_stages,
+                         maxnreg=config.maxnreg)
 
 
 def prune(configs, named_args, kernel=None, **kwargs):
@@ -111,7 +114,8 @@ def prune(configs, named_args, kernel=None, **kwargs):
     seen, kept = set(), []
     for config in configs:
         config = _fit(config, args)
-        key = (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+        key = (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages,
+               config.maxnreg)
         if key not in seen:
             seen.add(key)
             kept.append(config)
@@ -151,5 +155,7 @@ def launch(kernel_fn, tuned_fn, name, grid, args):
     if config is None:
         tuned_fn[grid](**args)
     else:
-        kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps,
-                        num_stages=config.num_stages)
+        launch_options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        if config.maxnreg is not None:
+            launch_options["maxnreg"] = config.maxnreg
+        kernel_fn[grid](**args, **config.kwargs, **launch_options)

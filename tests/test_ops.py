@@ -132,7 +132,11 @@ def test_config_from_environment(monkeypatch):
     monkeypatch.setenv("D2CONV_CONFIG_FWD", "BLOCK_M=64,BLOCK_N=32,BLOCK_C=16,num_warps=2,num_stages=1")
     config = configs.pinned("FWD", {})
     assert config.kwargs == {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_C": 16}
-    assert (config.num_warps, config.num_stages) == (2, 1)
+    assert (config.num_warps, config.num_stages, config.maxnreg) == (2, 1, None)
+    monkeypatch.setenv("D2CONV_CONFIG_BWD_DATA", "BLOCK_M=32,BLOCK_C=16,num_warps=4,maxnreg=128")
+    config = configs.pinned("BWD_DATA", {})
+    assert config.kwargs == {"BLOCK_M": 32, "BLOCK_C": 16}
+    assert (config.num_warps, config.maxnreg) == (4, 128)
     monkeypatch.setenv("D2CONV_CONFIG_FWD", "BLOCK_M=big")
     with pytest.raises(ValueError, match="D2CONV_CONFIG_FWD"):
         configs.pinned("FWD", {})
@@ -144,7 +148,10 @@ def test_pinned_config_from_environment_is_used(monkeypatch):
     x, size, w, b, m = make_inputs(case)
     out = apply(case, x, size, w, b, m)
     monkeypatch.setenv("D2CONV_CONFIG_FWD", "BLOCK_M=16,BLOCK_N=16,BLOCK_C=16,num_warps=1,num_stages=1")
-    assert rel_err(apply(case, x, size, w, b, m), out) <= 1e-6
+    monkeypatch.setenv("D2CONV_CONFIG_BWD_DATA", "BLOCK_M=16,BLOCK_C=16,num_warps=1,maxnreg=128")
+    out2 = apply(case, x, size, w, b, m)
+    assert rel_err(out2, out) <= 1e-6
+    out2.sum().backward()           # the data kernel takes maxnreg as a launch option
 
 
 def test_prune_fits_blocks_to_the_shape():
