@@ -53,9 +53,8 @@ ABLATIONS = {
             "acc += tl.sum(a, axis=1)[:, None] + tl.sum(w_tile.to(tl.float32), axis=0)[None, :]"),
     },
     "store": {"sampling.py": lambda s: s.replace(
-        "tl.atomic_add(ptr, w[:, None] * grad, mask=ok[:, None] & ch_ok[None, :],\n"
-        "                              sem=\"relaxed\")",
-        "tl.store(ptr, w[:, None] * grad, mask=ok[:, None] & ch_ok[None, :])")},
+        "tl.atomic_add(ptr, value, mask=ok[:, None] & ch_ok[None, :], sem=\"relaxed\")",
+        "tl.store(ptr, value, mask=ok[:, None] & ch_ok[None, :])")},
 }
 
 

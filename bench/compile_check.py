@@ -29,11 +29,12 @@ from test_kernels import SHAPES as BENCH_SHAPES     # bench/ is this script's di
 
 # name: (N, C_in, C_out, T, H, W); "tiny" has 16 channels, enough for 16-byte channel vectors
 SHAPES = {**BENCH_SHAPES, "tiny": (1, 16, 16, 2, 4, 5)}
-TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64"}
 
 
-def captured_launches(shape, dtype, mode="xyz"):
-    """(kernel name, jit function, args) of each launch of a forward and backward, captured."""
+def captured_launches(shape, dtype, mode="xyz", deterministic=False):
+    """(kernel name, jit function, args) of each launch of a forward and backward, captured;
+    ``deterministic``: the backward of torch.use_deterministic_algorithms on a GPU."""
     N, C, Co, T, H, W = shape
     x = torch.zeros(N, C, T, H, W, dtype=dtype)
     coords = torch.ones(N, 3, T, H, W, dtype=dtype)
@@ -46,14 +47,15 @@ def captured_launches(shape, dtype, mode="xyz"):
         if name not in [n for n, _, _ in seen]:     # the data kernel's later launches alike
             seen.append((name, kernel_fn, dict(args)))
 
-    real = configs.launch
+    real, real_deterministic = configs.launch, backward.deterministic
     configs.launch = launch
+    backward.deterministic = lambda device: deterministic
     try:
         forward.d2conv_fwd(geo, x, coords, weight, None, mask, mode)
         go = torch.zeros(N, Co, *geo.out, dtype=dtype)
         backward.d2conv_bwd(geo, go, x, coords, weight, mask, mode, False, True, True, True, True)
     finally:
-        configs.launch = real
+        configs.launch, backward.deterministic = real, real_deterministic
     return seen
 
 
@@ -140,13 +142,17 @@ def main():
     p.add_argument("--kernel", nargs="+", default=list(configs.CANDIDATES),
                    choices=list(configs.CANDIDATES), help="which kernels to compile")
     p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--deterministic", action="store_true",
+                   help="the backward of torch.use_deterministic_algorithms (fixed-point input "
+                        "gradient)")
     a = p.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     for name_of_dtype in a.dtype:
         torch.backends.cuda.matmul.allow_tf32 = name_of_dtype == "float32-tf32"
         dtype = getattr(torch, name_of_dtype.split("-")[0])
-        for name, kernel, args in captured_launches(SHAPES[a.shape], dtype):
+        for name, kernel, args in captured_launches(SHAPES[a.shape], dtype,
+                                                    deterministic=a.deterministic):
             if name not in a.kernel:
                 continue
             candidates = configs.CANDIDATES[name][configs.precision_class(args)]

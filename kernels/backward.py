@@ -5,7 +5,7 @@ columns of the forward, and gcol = grad_out @ Wt, their gradient:
   gcol = grad_out @ Wt[points]        (GEMM) into a buffer col, (groups, M, points*Cg)
   data kernel, one program per (voxel block, offset group):
     grad_input  += scatter of mask * corner_weight * gcol into the 8 corners (fp32 atomics,
-                   channel-contiguous)
+                   channel-contiguous; int64 fixed point in deterministic mode)
     grad_mask    = sum_c gcol * value
     grad_offset  = mask * sum_c gcol * dvalue/dposition, or for D²Conv directly
     grad_size    = sum_k (index - centre) * dilation * grad_position_k (no offset tensor)
@@ -15,7 +15,6 @@ The columns are gathered once, by the kernel that already loads their corners, a
 products run on cuBLAS (bench/NOTES.md, session 10).
 """
 import os
-import warnings
 
 import torch
 import triton
@@ -35,7 +34,9 @@ def d2conv_bwd_data_kernel(
     col_ptr,     # (groups, M, KC, Cg) for kernel points K_FIRST .. K_FIRST+KC-1: holds the
                  # column gradient (read when NEED_INPUT, NEED_COORD or NEED_MASK), and is
                  # overwritten with the sampled columns mask * value (when NEED_COLUMN)
-    gx_ptr,      # fp32 (N, T, H, W, C), zeroed, accumulated with atomics (when NEED_INPUT)
+    gx_ptr,      # fp32 (N, T, H, W, C), zeroed, accumulated with atomics (when NEED_INPUT);
+                 # int64 in fixed point when FIXED_POINT
+    gx_scale_ptr,  # fp32 (1,): the fixed-point scale, a power of two (when FIXED_POINT)
     gcoord_ptr,  # like coord_ptr (when NEED_COORD); fp32 and accumulated for sizes when K_FIRST > 0
     gmask_ptr,   # like mask_ptr (when NEED_MASK)
     M, C, T, H, W, To, Ho, Wo, Co, Cg, Cog, Cpg, SEG, G, COORD_CH, M_BUCKET,
@@ -47,7 +48,7 @@ def d2conv_bwd_data_kernel(
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     IS_OFFSET: tl.constexpr, SZ_CH: tl.constexpr, SY_CH: tl.constexpr, SX_CH: tl.constexpr,
     HAS_MASK: tl.constexpr, NEED_INPUT: tl.constexpr, NEED_COORD: tl.constexpr,
-    NEED_MASK: tl.constexpr, NEED_COLUMN: tl.constexpr,
+    NEED_MASK: tl.constexpr, NEED_COLUMN: tl.constexpr, FIXED_POINT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,    # unused here (the products are GEMMs around the launch);
                                     # it picks the config class
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -74,6 +75,9 @@ def d2conv_bwd_data_kernel(
     gs_z = tl.zeros((BLOCK_M,), tl.float32)     # D²Conv: gradient of each axis' scale
     gs_y = tl.zeros((BLOCK_M,), tl.float32)
     gs_x = tl.zeros((BLOCK_M,), tl.float32)
+    fixed_scale = 1.0
+    if FIXED_POINT:
+        fixed_scale = tl.load(gx_scale_ptr)
     for TAPS in tl.static_range(8):
         for r in range(class_points(TAPS, KD, KH, KW, IS_OFFSET, SZ_CH, SY_CH, SX_CH)):
             i, j, l = class_point(r, TAPS, KD, KH, KW, IS_OFFSET, SZ_CH, SY_CH, SX_CH)
@@ -118,7 +122,7 @@ def d2conv_bwd_data_kernel(
                         if NEED_INPUT:
                             scatter_tile(gx_ptr, row0, c_first + c0 + offs_c, ch_ok, H * W * C,
                                          W * C, C, gcol, fz, fy, fx, okz0, okz1, oky0, oky1,
-                                         okx0, okx1, mk, TAPS)
+                                         okx0, okx1, mk, fixed_scale, FIXED_POINT, TAPS)
                 g_m = tl.sum(t_m, axis=1)
                 g_z = tl.sum(t_z, axis=1)
                 g_y = tl.sum(t_y, axis=1)
@@ -171,27 +175,31 @@ def points_per_launch(M, C, K, itemsize):
     return max(1, min(K, GCOL_BUDGET // (M * C * itemsize)))
 
 
-def deterministic(device, need_input):
-    """Whether the backward must be deterministic (``torch.use_deterministic_algorithms``) on a
-    GPU and can be. The weight gradient (cuBLAS GEMMs, one per launch, each writing its own
-    kernel points), the bias gradient (a sum), the size, offset and mask gradients (plain
-    stores) and the forward (no atomics) are reproducible anyway; the input gradient, a scatter
-    with fp32 atomics, has no deterministic implementation: RuntimeError (a warning in
-    warn_only mode). Under the Triton interpreter programs run one after another, so everything
-    is reproducible.
-    """
-    if device.type != "cuda" or not torch.are_deterministic_algorithms_enabled():
-        return False
-    if need_input:
-        message = ("deform_conv3d / d2conv3d backward: the input gradient is accumulated with "
-                   "fp32 atomics and has no deterministic implementation (the weight, bias, "
-                   "offset/size and mask gradients do); detach the input, or turn off "
-                   "torch.use_deterministic_algorithms for this op")
-        if torch.is_deterministic_algorithms_warn_only_enabled():
-            warnings.warn(message)
-        else:
-            raise RuntimeError(message)
-    return True
+def deterministic(device):
+    """Whether the backward must be deterministic (``torch.use_deterministic_algorithms``): on a
+    GPU, the input gradient is then accumulated in fixed point (int64 atomics, whose sums do not
+    depend on their order; twice the bytes of the fp32 atomics used otherwise). Everything else
+    is reproducible anyway: the weight gradient (cuBLAS GEMMs, each writing its own kernel
+    points), the bias gradient (a sum), the size, offset and mask gradients (plain stores) and
+    the forward (no atomics). Under the Triton interpreter programs run one after another."""
+    return device.type == "cuda" and torch.are_deterministic_algorithms_enabled()
+
+
+def fixed_point_scale(go, weight, mask, samples):
+    """The input gradient's fixed-point scale in deterministic mode, a power of two as a (1,) fp32
+    tensor (no host synchronisation): 2^62 over a bound on every sum of the input gradient.
+    Each column-gradient element is at most max_m ||grad_out[m]||_1 * max |weight|; an input
+    element takes at most ``samples`` (voxels x kernel points) of them, times a corner weight
+    <= 1 and the mask. With the sum bounded by 2^62 (int64 holds 2^63) each contribution keeps
+    about 62 - log2(bound) fractional bits: finer than fp32's rounding of the sum. Non-finite
+    gradients give a NaN scale, and so a NaN input gradient."""
+    bound = go.abs().sum(dim=-1, dtype=torch.float32).amax() * weight.abs().amax().float()
+    if mask is not None:
+        bound = bound * mask.abs().amax().float()
+    bound = bound * samples
+    exponent = (62 - torch.ceil(torch.log2(bound))).clamp(-100, 100)     # bound 0: 2^100
+    exponent = torch.where(torch.isfinite(bound), exponent, float("nan"))
+    return torch.exp2(exponent).reshape(1)
 
 
 def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
@@ -204,7 +212,7 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
     """
     args, x_cl, w_r = kernel_args(geo, input, coords, weight, mask, mode, backward=True)
     dev, dtype = input.device, input.dtype
-    deterministic(dev, need_input)
+    fixed_point = need_input and deterministic(dev)
     go = grad_out.permute(0, 2, 3, 4, 1).contiguous()
     N, C, T, H, W = input.shape
     groups, K, Cg, Cog = w_r.shape
@@ -216,8 +224,11 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
 
     if need_gcol or need_weight:
         # channels-last memory: (N, T, H, W, C) in the kernel's eyes
-        gx = (torch.empty((N, C, T, H, W), device=dev, dtype=torch.float32,
+        gx = (torch.empty((N, C, T, H, W), device=dev,
+                          dtype=torch.int64 if fixed_point else torch.float32,
                           memory_format=torch.channels_last_3d).zero_() if need_input else None)
+        gx_scale = (fixed_point_scale(go, weight, mask, M * K) if fixed_point else
+                    torch.ones(1, device=dev))
         # sizes are summed over kernel points, across launches when there are several: fp32
         gcoord = (torch.empty_like(args["coord_ptr"],
                                    dtype=torch.float32 if mode != "offset" else None)
@@ -225,11 +236,11 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
         gmask = torch.empty_like(args["mask_ptr"]) if need_mask else None
         gw = torch.empty((groups, K, Cg, Cog), device=dev, dtype=dtype) if need_weight else None
         unused = torch.empty(1, device=dev, dtype=torch.float32)
-        data_args = dict(args, gx_ptr=gx if need_input else unused,
+        data_args = dict(args, gx_ptr=gx if need_input else unused, gx_scale_ptr=gx_scale,
                          gcoord_ptr=gcoord if need_coords else unused,
                          gmask_ptr=gmask if need_mask else unused,
                          NEED_INPUT=need_input, NEED_COORD=need_coords, NEED_MASK=need_mask,
-                         NEED_COLUMN=need_weight)
+                         NEED_COLUMN=need_weight, FIXED_POINT=fixed_point)
 
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]), geo.offset_groups)
@@ -250,7 +261,7 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
                     groups, kc, Cg, Cog)
             del col, data_args["col_ptr"]   # free before the next GEMM: one chunk at a time
         if need_input:
-            grad_input = gx.to(dtype)
+            grad_input = (gx.float() / gx_scale).to(dtype) if fixed_point else gx.to(dtype)
         if need_coords:
             grad_coords = gcoord.to(coords.dtype)
         grad_mask = gmask

@@ -168,11 +168,14 @@ def gather_dot(x_ptr, row0, ch, ch_ok, HWC, WC, C, grad, t_v, t_z, t_y, t_x,
 
 
 @triton.jit
-def scatter_tile(gx_ptr, row0, ch, ch_ok, HWC, WC, C, grad,
-                 fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, scale, TAPS: tl.constexpr):
+def scatter_tile(gx_ptr, row0, ch, ch_ok, HWC, WC, C, grad, fz, fy, fx, okz0, okz1, oky0, oky1,
+                 okx0, okx1, scale, fixed_scale, FIXED_POINT: tl.constexpr, TAPS: tl.constexpr):
     """The transpose of gather_tile's value: add corner_weight * scale * grad into each corner.
 
     gx_ptr: fp32 buffer shaped like the channels-last input; grad: [BLOCK_M, BLOCK_C] fp32.
+    FIXED_POINT: gx_ptr is int64 and takes each contribution times fixed_scale (a power of two),
+    rounded to an integer: integer sums do not depend on the order the atomics land in, so the
+    result is bitwise reproducible (the caller picks the scale so that no sum overflows).
     Corners outside the volume or with zero weight are skipped.
     """
     for cz in tl.static_range(1 + (TAPS >> 2) % 2):
@@ -184,8 +187,11 @@ def scatter_tile(gx_ptr, row0, ch, ch_ok, HWC, WC, C, grad,
                 w = wz * wy * wx * scale
                 ok = okz & oky & okx & (w != 0.0)
                 ptr = gx_ptr + (row0 + (cz * HWC + cy * WC + cx * C))[:, None] + ch[None, :]
-                tl.atomic_add(ptr, w[:, None] * grad, mask=ok[:, None] & ch_ok[None, :],
-                              sem="relaxed")
+                value = w[:, None] * grad
+                if FIXED_POINT:
+                    value = value * fixed_scale
+                    value = (value + tl.where(value >= 0, 0.5, -0.5)).to(tl.int64)
+                tl.atomic_add(ptr, value, mask=ok[:, None] & ch_ok[None, :], sem="relaxed")
 
 
 @triton.jit

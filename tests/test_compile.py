@@ -14,26 +14,42 @@ REPO = Path(__file__).resolve().parents[1]
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU suite compiles them for real")
-@pytest.mark.skipif(not (TOOLS / "cuobjdump").exists(), reason="Triton without its CUDA tools")
-def test_kernels_compile_for_sm90():
+def compile_check(*args):
+    """compile_check.py's lines for these arguments (on the tiny shape, first configs)."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / "compile_check.py"), "--shape", "tiny", "--first",
-         "--dtype", "bfloat16", "float32", "float32-tf32"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+         *args], env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    return result.stdout.splitlines()
+
+
+def registers(line):
+    return int(line.split(":")[-1].split("regs")[0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU suite compiles them for real")
+@pytest.mark.skipif(not (TOOLS / "cuobjdump").exists(), reason="Triton without its CUDA tools")
+def test_kernels_compile_for_sm90():
+    lines = compile_check("--dtype", "bfloat16", "float32", "float32-tf32")
     # 3 dtypes x 2 kernels, each with its registers read back from the cubin, and channel rows
     # moved several channels per instruction (a runtime mask or offset along the channels that
     # Triton cannot prove aligned turns them into one load / atomic per element); the data
     # kernel's column tiles stored by the threads that loaded them (it overwrites its input)
-    assert len(lines) == 6, result.stdout
+    assert len(lines) == 6, lines
     for line in lines:
-        regs = int(line.split(":")[-1].split("regs")[0])
-        assert 0 < regs <= 255, line
+        assert 0 < registers(line) <= 255, line
         assert int(line.split(" vector loads")[0].split()[-1]) > 0, line
         if "BWD_DATA" in line:
             assert int(line.split(" vector atomics")[0].split()[-1]) > 0, line
             assert line.endswith("tile stores in place"), line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU suite compiles them for real")
+@pytest.mark.skipif(not (TOOLS / "cuobjdump").exists(), reason="Triton without its CUDA tools")
+def test_deterministic_data_kernel_compiles_for_sm90():
+    """The fixed-point input gradient of deterministic mode (int64 atomics)."""
+    lines = compile_check("--dtype", "bfloat16", "--kernel", "BWD_DATA", "--deterministic")
+    assert len(lines) == 1 and 0 < registers(lines[0]) <= 255, lines
+    assert lines[0].endswith("tile stores in place"), lines

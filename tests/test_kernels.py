@@ -1,6 +1,8 @@
 """The Triton kernels (interpreter on CPU, compiled on GPU) against the float64 reference:
 forward and every gradient, fresh random inputs per test, NaN-poisoned outputs and NaN-surrounded
 inputs so that unwritten outputs and out-of-bounds reads show up."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,6 +132,30 @@ def test_some_gradients(case, wanted):
     assert rel_err(out, ref_out) <= 1e-5
     for name, g in zip(wanted, grads):
         assert rel_err(g, ref_grads[NAMES.index(name)]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[9]], ids=str)
+def test_fixed_point_input_gradient(case, monkeypatch):
+    """Deterministic mode's input gradient (int64 fixed-point atomics, on a GPU under
+    torch.use_deterministic_algorithms) against the reference, forced on here; over several
+    launches, whose sums must share one scale."""
+    from kernels import backward
+    monkeypatch.setattr(backward, "deterministic", lambda device: True)
+    monkeypatch.setattr(backward, "points_per_launch", lambda *args: 5)
+    check_against_reference(case)
+
+
+def test_fixed_point_scale():
+    """A power of two that keeps the bound on every input-gradient sum under 2^62, and NaN (so a
+    NaN input gradient) for non-finite gradients."""
+    from kernels.backward import fixed_point_scale
+    go, w, m = torch.randn(2, 3, 4, 5, 16) * 7, torch.randn(16, 8, 3, 3, 3), torch.rand(2, 27, 3, 4, 5)
+    scale = fixed_point_scale(go, w, m, samples=120 * 27).item()
+    bound = go.abs().sum(-1).max().item() * w.abs().max().item() * m.max().item() * 120 * 27
+    assert scale == 2.0 ** round(math.log2(scale))
+    assert 2.0 ** 61 < bound * scale <= 2.0 ** 62
+    go[0, 0, 0, 0, 0] = float("inf")
+    assert math.isnan(fixed_point_scale(go, w, m, samples=120 * 27).item())
 
 
 @pytest.mark.parametrize("mode", ["x", "xy", "xxz", "xyz"])
