@@ -218,7 +218,8 @@ def main():
                 if name == "store" and label not in ("BWD_DATA", "BWD_DATA(input grad only)"):
                     continue
                 if name != "full" and name != "store" and kernel == "BWD_DATA":
-                    continue            # the data kernel uses neither gather_tile nor a dot on A
+                    continue            # its gather is gather_dot's (gather_tile only when
+                                        # the weight alone is asked for), and it has no dot
                 rows.append((label, name, best[kernel][0], bench(fns[label])))
                 print(rows[-1], flush=True)
 

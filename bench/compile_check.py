@@ -29,7 +29,8 @@ from test_kernels import SHAPES as BENCH_SHAPES     # bench/ is this script's di
 
 # name: (N, C_in, C_out, T, H, W); "tiny" has 16 channels, enough for 16-byte channel vectors
 SHAPES = {**BENCH_SHAPES, "tiny": (1, 16, 16, 2, 4, 5)}
-TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64"}
+TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
+         torch.int64: "*i64"}
 
 
 def captured_launches(shape, dtype, mode="xyz", deterministic=False):
