@@ -163,10 +163,11 @@ d2conv_bwd_data_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": configs.pruner("BWD_DATA")})(d2conv_bwd_data_kernel)
 
 
-# bytes of column gradient per data-kernel launch (at least one kernel point's; environment
-# D2CONV_GCOL_MIB). Fewer launches are faster (rf2, bf16, H100, one kernel point is 25 MiB: 27
-# launches 4.80 ms, 14 3.93, 6 3.40, 1 3.17) but hold more memory: with 128 MiB rf2's extra
-# peak is predicted at ~210 MiB, dense cuDNN's 157 (bench/NOTES.md, session 9)
+# bytes of columns per data-kernel launch (the column gradient, overwritten by the sampled
+# columns; at least one kernel point's; environment D2CONV_GCOL_MIB). Fewer launches are faster
+# (rf2, bf16, H100, one kernel point is 25 MiB: 27 launches 4.80 ms, 14 3.93, 6 3.40, 1 3.17,
+# session 9, before the weight GEMM) but hold more memory: with 128 MiB rf2's extra peak is
+# predicted at ~210 MiB, dense cuDNN's 157 (bench/NOTES.md, session 9)
 GCOL_BUDGET = int(os.environ.get("D2CONV_GCOL_MIB", "128")) * 2**20
 
 
