@@ -170,13 +170,24 @@ def main():
                                                               True, True, True, True),
             "BWD_DATA(weight only)": lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", False,
                                                             False, False, False, True),
+            # torch.use_deterministic_algorithms: the input gradient in int64 fixed point
+            "BWD_DATA(all, deterministic)": lambda: deterministic(
+                lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", True, True, True, True, True)),
         }
+
+    def deterministic(call):
+        torch.use_deterministic_algorithms(True)
+        try:
+            return call()
+        finally:
+            torch.use_deterministic_algorithms(False)
 
     from kernels import configs
     from kernels.forward import dot_precision
     kernels_of = {"FWD": ["FWD"], "BWD_DATA": ["BWD_DATA", "BWD_DATA(no input grad)",
                                                "BWD_DATA(input grad only)",
-                                               "BWD_DATA(all gradients)", "BWD_DATA(weight only)"]}
+                                               "BWD_DATA(all gradients)", "BWD_DATA(weight only)",
+                                               "BWD_DATA(all, deterministic)"]}
     only = [k for k in args.only.split(",") if k]
     extra = {}
     for item in filter(None, args.configs.split(";")):
