@@ -111,14 +111,13 @@ def d2conv_bwd_data_kernel(
                                 x_ptr, row0, c_first + c0 + offs_c, ch_ok, H * W * C, W * C, C,
                                 gcol, t_m, t_z, t_y, t_x, fz, fy, fx, okz0, okz1, oky0, oky1,
                                 okx0, okx1, TAPS)
-                            if NEED_COLUMN:
-                                tl.store(col_tile, (value * mk[:, None]).to(
-                                    col_ptr.dtype.element_ty), mask=tile_ok)
+                            column = value * mk[:, None]
                         elif NEED_COLUMN:
-                            value = gather_tile(x_ptr, row0, c_first + c0 + offs_c, ch_ok,
-                                                H * W * C, W * C, C, fz, fy, fx, okz0, okz1,
-                                                oky0, oky1, okx0, okx1, mk, TAPS)
-                            tl.store(col_tile, value.to(col_ptr.dtype.element_ty), mask=tile_ok)
+                            column = gather_tile(x_ptr, row0, c_first + c0 + offs_c, ch_ok,
+                                                 H * W * C, W * C, C, fz, fy, fx, okz0, okz1,
+                                                 oky0, oky1, okx0, okx1, mk, TAPS)
+                        if NEED_COLUMN:
+                            tl.store(col_tile, column.to(col_ptr.dtype.element_ty), mask=tile_ok)
                         if NEED_INPUT:
                             scatter_tile(gx_ptr, row0, c_first + c0 + offs_c, ch_ok, H * W * C,
                                          W * C, C, gcol, fz, fy, fx, okz0, okz1, oky0, oky1,
@@ -228,8 +227,6 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
         gx = (torch.empty((N, C, T, H, W), device=dev,
                           dtype=torch.int64 if fixed_point else torch.float32,
                           memory_format=torch.channels_last_3d).zero_() if need_input else None)
-        gx_scale = (fixed_point_scale(go, weight, mask, M * K) if fixed_point else
-                    torch.ones(1, device=dev))
         # sizes are summed over kernel points, across launches when there are several: fp32
         gcoord = (torch.empty_like(args["coord_ptr"],
                                    dtype=torch.float32 if mode != "offset" else None)
@@ -237,6 +234,8 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
         gmask = torch.empty_like(args["mask_ptr"]) if need_mask else None
         gw = torch.empty((groups, K, Cg, Cog), device=dev, dtype=dtype) if need_weight else None
         unused = torch.empty(1, device=dev, dtype=torch.float32)
+        # read by the kernel only in fixed point
+        gx_scale = fixed_point_scale(go, weight, mask, M * K) if fixed_point else unused
         data_args = dict(args, gx_ptr=gx if need_input else unused, gx_scale_ptr=gx_scale,
                          gcoord_ptr=gcoord if need_coords else unused,
                          gmask_ptr=gmask if need_mask else unused,
