@@ -163,7 +163,8 @@ def main():
                 regs, local = resources(compiled)
                 loads, atomics = vector_ops(compiled)
                 print(f"{name_of_dtype:12} {name:10} {args['DOT_PRECISION']:6} "
-                      f"{str(config.kwargs):50} w{config.num_warps} s{config.num_stages}: "
+                      f"{str(config.kwargs):50} w{config.num_warps} s{config.num_stages}"
+                      f"{f' maxnreg={config.maxnreg}' if config.maxnreg else ''}: "
                       f"{regs} regs, {local} B stack/local (spills), "
                       f"{compiled.metadata.shared} B shared, {loads} vector loads, "
                       f"{atomics} vector atomics"

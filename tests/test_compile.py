@@ -39,7 +39,8 @@ def test_kernels_compile_for_sm90():
     # kernel's column tiles stored by the threads that loaded them (it overwrites its input)
     assert len(lines) == 6, lines
     for line in lines:
-        assert 0 < registers(line) <= 255, line
+        cap = int(line.split("maxnreg=")[1].split(":")[0]) if "maxnreg=" in line else 255
+        assert 0 < registers(line) <= cap, line
         assert int(line.split(" vector loads")[0].split()[-1]) > 0, line
         if "BWD_DATA" in line:
             assert int(line.split(" vector atomics")[0].split()[-1]) > 0, line

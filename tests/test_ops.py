@@ -162,6 +162,21 @@ def test_prune_fits_blocks_to_the_shape():
                              for c in kept})
 
 
+def test_a_register_cap_is_a_candidate_of_its_own(monkeypatch):
+    """The data kernel's 64x16 tile is tuned with and without its register cap: neither the
+    candidate list nor the pruning takes one for a duplicate of the other; untuned launches
+    take the capped one."""
+    args = {"x_ptr": torch.empty(1, dtype=torch.bfloat16), "DOT_PRECISION": "ieee", "Cog": 256,
+            "SEG": 256}
+    kept = configs.prune(configs.all_candidates("BWD_DATA"), args, kernel="BWD_DATA")
+    caps = [c.maxnreg for c in kept if c.kwargs == {"BLOCK_M": 64, "BLOCK_C": 16}]
+    assert sorted(caps, key=str) == [168, None]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("D2CONV_AUTOTUNE", "0")
+    monkeypatch.delenv("D2CONV_CONFIG_BWD_DATA", raising=False)
+    assert configs.pinned("BWD_DATA", args).maxnreg == 168
+
+
 @pytest.mark.parametrize("dtype, precision, expected", [
     (torch.bfloat16, "ieee", "16-bit"), (torch.float32, "tf32", "tf32"),
     (torch.float32, "tf32x3", "tf32x3"), (torch.float32, "ieee", "ieee")])
