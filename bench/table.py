@@ -1,6 +1,6 @@
 """Print the markdown table of a results file: each op's median ms and its ratio to dense.
 
-    python bench/table.py [bench/results/NVIDIA_H100_80GB_HBM3.json]
+    python bench/table.py [bench/results/NVIDIA_H200.json]
 """
 import json
 import sys
@@ -40,5 +40,5 @@ def table(rows):
 
 if __name__ == "__main__":
     path = Path(sys.argv[1] if len(sys.argv) > 1 else
-                Path(__file__).parent / "results" / "NVIDIA_H100_80GB_HBM3.json")
+                Path(__file__).parent / "results" / "NVIDIA_H200.json")
     print(table(json.loads(path.read_text())))
