@@ -5,11 +5,14 @@ table (bench/NOTES.md quotes it).
     PYTHONPATH=. python bench/ablate.py [--shape rf2] [--only FWD,BWD_DATA]
 
 Ablations are built by copying ``kernels/`` to a temporary package with one piece of source
-replaced (the results are wrong on purpose; only the time means something):
+replaced (all but tma-weights give wrong results on purpose: only their time means something):
   one-corner   the gather reads corner (0,0,0) only, unblended (the cost of the 8-corner blend)
   no-gather    the A tile is the mask broadcast over channels, no input loads (index math + dot)
   no-dot       forward: the tl.dot replaced by a row sum (gather alone)
   store        the input gradient's atomics replaced by plain stores (racy; write traffic only)
+  tma-weights  the forward's weight tiles loaded by TMA (a tensor descriptor) rather than through
+               pointers; the same result (checked), bf16 only, e.g. with
+               --only FWD --ablations tma-weights --extra-only --configs "FWD:...,num_stages=2"
 """
 import argparse
 import importlib
@@ -44,6 +47,32 @@ def _replace_body(source, name, body):
     return source[:doc_end] + "\n" + body.rstrip("\n") + source[end:]
 
 
+def _tma_weights(source):
+    """The forward's weight tiles through a TMA tensor descriptor instead of pointer loads (16-bit
+    only: the (groups, K, Cg, Cog) weight as a (K * C, Cog) matrix); rows past the segment belong
+    to the next kernel point, and meet the zeros that the gather puts past it."""
+    load = """                    if W_C_MAJOR:   # channels contiguous
+                        w_off = (c0 + offs_c)[:, None] + offs_o[None, :] * Cg
+                    else:
+                        w_off = (c0 + offs_c)[:, None] * Cog + offs_o[None, :]
+                    w_tile = tl.load(w_ptr + w_kc + w_off, mask=ch_ok[:, None] & o_ok[None, :],
+                                     other=0.0)
+"""
+    assert load in source, "tma-weights: the forward's weight load has changed"
+    source = source.replace(load, """\
+                    w_tile = w_desc.load([w_kc // Cog + c0, (pid_n % n_tiles) * BLOCK_N])
+""")
+    return source.replace("""    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+""", """    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K * C, Cog], strides=[Cog, 1],
+                                       block_shape=[BLOCK_C, BLOCK_N])
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+""", 1)
+
+
+# variants that compute the same result another way (checked against the full kernels, not wrong
+# on purpose like the others)
+EXACT = {"tma-weights"}
+
 ABLATIONS = {
     "one-corner": {"sampling.py": lambda s: _replace_body(s, "gather_tile", _GATHER_ONE)},
     "no-gather": {"sampling.py": lambda s: _replace_body(s, "gather_tile", _GATHER_NONE)},
@@ -52,6 +81,7 @@ ABLATIONS = {
             "acc = tl.dot(a.to(w_tile.dtype), w_tile, acc, input_precision=DOT_PRECISION)",
             "acc += tl.sum(a, axis=1)[:, None] + tl.sum(w_tile.to(tl.float32), axis=0)[None, :]"),
     },
+    "tma-weights": {"forward.py": lambda s: _tma_weights(s)},
     "store": {"sampling.py": lambda s: s.replace(
         "tl.atomic_add(ptr, value, mask=ok[:, None] & ch_ok[None, :], sem=\"relaxed\")",
         "tl.store(ptr, value, mask=ok[:, None] & ch_ok[None, :])")},
@@ -222,8 +252,18 @@ def main():
 
     # 2. with the best config of each kernel: the parts, and the ablations
     tmp = tempfile.mkdtemp()
+    if "tma-weights" in args.ablations:
+        if dt != torch.bfloat16:
+            sys.exit("ablate: tma-weights is written for 16-bit weights (--dtype bfloat16)")
+        # in-kernel TMA descriptors live in global scratch memory that Triton asks for
+        triton.set_allocator(lambda size, alignment, stream:
+                             torch.empty(size, device="cuda", dtype=torch.int8))
     for name in ["full"] + [a for a in args.ablations.split(",") if a]:
         fns = runs(variant(name, tmp))
+        if name in EXACT and "FWD" in only:    # a faster way to the same result: check it
+            got, want = fns["FWD"]().float(), full["FWD"]().float()
+            print(f"{name}: forward max |difference| / max |output| = "
+                  f"{((got - want).abs().max() / want.abs().max()).item():.1e}", flush=True)
         for kernel in only:
             for label in kernels_of[kernel]:
                 if name == "store" and label not in ("BWD_DATA", "BWD_DATA(input grad only)"):
