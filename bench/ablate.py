@@ -11,7 +11,7 @@ replaced (all but tma-weights give wrong results on purpose: only their time mea
   no-dot       forward: the tl.dot replaced by a row sum (gather alone)
   store        the input gradient's atomics replaced by plain stores (racy; write traffic only)
   tma-weights  the forward's weight tiles loaded by TMA (a tensor descriptor) rather than through
-               pointers; the same result (checked), bf16 only, e.g. with
+               pointers; the same result (checked), e.g. with
                --only FWD --ablations tma-weights --extra-only --configs "FWD:...,num_stages=2"
 """
 import argparse
@@ -48,9 +48,11 @@ def _replace_body(source, name, body):
 
 
 def _tma_weights(source):
-    """The forward's weight tiles through a TMA tensor descriptor instead of pointer loads (16-bit
-    only: the (groups, K, Cg, Cog) weight as a (K * C, Cog) matrix); rows past the segment belong
-    to the next kernel point, and meet the zeros that the gather puts past it."""
+    """The forward's weight tiles through a TMA tensor descriptor instead of pointer loads: the
+    (groups, K, Cg, Cog) weight as a (K * C, Cog) matrix, or for TF32 products the (groups, K,
+    Cog, Cg) one as (K * Co, Cg), its tile transposed in shared memory. A tile that runs past its
+    segment reads the next segment's or kernel point's weights, which meet the gather's zeros or
+    land in output channels that are not stored."""
     load = """                    if W_C_MAJOR:   # channels contiguous
                         w_off = (c0 + offs_c)[:, None] + offs_o[None, :] * Cg
                     else:
@@ -60,11 +62,19 @@ def _tma_weights(source):
 """
     assert load in source, "tma-weights: the forward's weight load has changed"
     source = source.replace(load, """\
-                    w_tile = w_desc.load([w_kc // Cog + c0, (pid_n % n_tiles) * BLOCK_N])
+                    if W_C_MAJOR:
+                        w_tile = w_desc.load([w_kc // Cg + (pid_n % n_tiles) * BLOCK_N,
+                                              w_kc % Cg + c0]).T
+                    else:
+                        w_tile = w_desc.load([w_kc // Cog + c0, (pid_n % n_tiles) * BLOCK_N])
 """)
     return source.replace("""    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-""", """    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K * C, Cog], strides=[Cog, 1],
-                                       block_shape=[BLOCK_C, BLOCK_N])
+""", """    if W_C_MAJOR:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K * Co, Cg], strides=[Cg, 1],
+                                           block_shape=[BLOCK_N, BLOCK_C])
+    else:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K * C, Cog], strides=[Cog, 1],
+                                           block_shape=[BLOCK_C, BLOCK_N])
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
 """, 1)
 
@@ -253,8 +263,6 @@ def main():
     # 2. with the best config of each kernel: the parts, and the ablations
     tmp = tempfile.mkdtemp()
     if "tma-weights" in args.ablations:
-        if dt != torch.bfloat16:
-            sys.exit("ablate: tma-weights is written for 16-bit weights (--dtype bfloat16)")
         # in-kernel TMA descriptors live in global scratch memory that Triton asks for
         triton.set_allocator(lambda size, alignment, stream:
                              torch.empty(size, device="cuda", dtype=torch.int8))
