@@ -2,7 +2,7 @@
 bf16, xyz, mask), per config, and with parts of its work removed. One device call; prints a
 table (bench/NOTES.md quotes it).
 
-    PYTHONPATH=. python bench/ablate.py [--shape rf2] [--only FWD,BWD_DATA]
+    PYTHONPATH=. python bench/ablate.py [--shape rf2] [--only FWD,BWD_DATA[,BWD_INPUT]]
 
 Ablations are built by copying ``kernels/`` to a temporary package with one piece of source
 replaced (all but tma-weights give wrong results on purpose: only their time means something):
@@ -213,7 +213,24 @@ def main():
             # torch.use_deterministic_algorithms: the input gradient in int64 fixed point
             "BWD_DATA(all, deterministic)": lambda: deterministic(
                 lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", True, True, True, True, True)),
+            # the input gradient pulled (kernels/input_grad.py, no atomics): alone (its GEMM and
+            # the brick kernel; compare "BWD_DATA(input grad only)"), the whole backward, and
+            # the whole backward in deterministic mode (which then needs no fixed point)
+            "BWD_INPUT": lambda: pulled(
+                lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", False, True, False, False,
+                                       False)),
+            "BWD_INPUT(all gradients)": lambda: pulled(
+                lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", True, True, True, True, True)),
+            "BWD_INPUT(all, deterministic)": lambda: pulled(lambda: deterministic(
+                lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", True, True, True, True, True))),
         }
+
+    def pulled(call):
+        os.environ["D2CONV_INPUT_GRAD"] = "pull"
+        try:
+            return call()
+        finally:
+            del os.environ["D2CONV_INPUT_GRAD"]
 
     def deterministic(call):
         torch.use_deterministic_algorithms(True)
@@ -227,7 +244,9 @@ def main():
     kernels_of = {"FWD": ["FWD"], "BWD_DATA": ["BWD_DATA", "BWD_DATA(no input grad)",
                                                "BWD_DATA(input grad only)",
                                                "BWD_DATA(all gradients)", "BWD_DATA(weight only)",
-                                               "BWD_DATA(all, deterministic)"]}
+                                               "BWD_DATA(all, deterministic)"],
+                  "BWD_INPUT": ["BWD_INPUT", "BWD_INPUT(all gradients)",
+                                "BWD_INPUT(all, deterministic)"]}
     only = [k for k in args.only.split(",") if k]
     extra = {}
     for item in filter(None, args.configs.split(";")):
@@ -276,7 +295,7 @@ def main():
             for label in kernels_of[kernel]:
                 if name == "store" and label not in ("BWD_DATA", "BWD_DATA(input grad only)"):
                     continue
-                if name != "full" and name != "store" and kernel == "BWD_DATA":
+                if name != "full" and name != "store" and kernel != "FWD":
                     continue            # its gather is gather_dot's (gather_tile only when
                                         # the weight alone is asked for), and it has no dot
                 rows.append((label, name, best[kernel][0], bench(fns[label])))

@@ -33,9 +33,10 @@ TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"
          torch.int64: "*i64"}
 
 
-def captured_launches(shape, dtype, mode="xyz", deterministic=False):
+def captured_launches(shape, dtype, mode="xyz", deterministic=False, pull=False):
     """(kernel name, jit function, args) of each launch of a forward and backward, captured;
-    ``deterministic``: the backward of torch.use_deterministic_algorithms on a GPU."""
+    ``deterministic``: the backward of torch.use_deterministic_algorithms on a GPU; ``pull``:
+    with the pulled input gradient (D2CONV_INPUT_GRAD=pull, kernels/input_grad.py)."""
     N, C, Co, T, H, W = shape
     x = torch.zeros(N, C, T, H, W, dtype=dtype)
     coords = torch.ones(N, 3, T, H, W, dtype=dtype)
@@ -51,12 +52,18 @@ def captured_launches(shape, dtype, mode="xyz", deterministic=False):
     real, real_deterministic = configs.launch, backward.deterministic
     configs.launch = launch
     backward.deterministic = lambda device: deterministic
+    saved_choice = os.environ.get("D2CONV_INPUT_GRAD")
+    os.environ["D2CONV_INPUT_GRAD"] = "pull" if pull else "scatter"
     try:
         forward.d2conv_fwd(geo, x, coords, weight, None, mask, mode)
         go = torch.zeros(N, Co, *geo.out, dtype=dtype)
         backward.d2conv_bwd(geo, go, x, coords, weight, mask, mode, False, True, True, True, True)
     finally:
         configs.launch, backward.deterministic = real, real_deterministic
+        if saved_choice is None:
+            del os.environ["D2CONV_INPUT_GRAD"]
+        else:
+            os.environ["D2CONV_INPUT_GRAD"] = saved_choice
     return seen
 
 
@@ -146,6 +153,8 @@ def main():
     p.add_argument("--deterministic", action="store_true",
                    help="the backward of torch.use_deterministic_algorithms (fixed-point input "
                         "gradient)")
+    p.add_argument("--pull", action="store_true",
+                   help="the backward with the pulled input gradient (BWD_INPUT, no atomics)")
     a = p.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
@@ -153,7 +162,8 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = name_of_dtype == "float32-tf32"
         dtype = getattr(torch, name_of_dtype.split("-")[0])
         for name, kernel, args in captured_launches(SHAPES[a.shape], dtype,
-                                                    deterministic=a.deterministic):
+                                                    deterministic=a.deterministic,
+                                                    pull=a.pull):
             if name not in a.kernel:
                 continue
             candidates = configs.CANDIDATES[name][configs.precision_class(args)]

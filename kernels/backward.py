@@ -12,7 +12,9 @@ columns of the forward, and gcol = grad_out @ Wt, their gradient:
     col          = A[:, points]       (overwriting gcol in place, tile by tile, once read)
   grad_weight[points] = col^T @ grad_out   (GEMM);  grad_bias = sum_m grad_out
 The columns are gathered once, by the kernel that already loads their corners, and both
-products run on cuBLAS (bench/NOTES.md, session 10).
+products run on cuBLAS (bench/NOTES.md, session 10). With D2CONV_INPUT_GRAD=pull (D²Conv modes)
+the input gradient is made instead, from the same column gradient and before the data kernel
+overwrites it, by kernels/input_grad.py without atomics.
 """
 import os
 
@@ -20,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
+from . import configs, input_grad
+from .checks import SIZE_CHANNELS
 from .forward import kernel_args
 from .sampling import (class_point, class_points, gather_dot, gather_tile, kernel_point,
                        load_sizes, scatter_tile)
@@ -178,7 +181,8 @@ def points_per_launch(M, C, K, itemsize):
 def deterministic(device):
     """Whether the backward must be deterministic (``torch.use_deterministic_algorithms``): on a
     GPU, the input gradient is then accumulated in fixed point (int64 atomics, whose sums do not
-    depend on their order; twice the bytes of the fp32 atomics used otherwise). Everything else
+    depend on their order; twice the bytes of the fp32 atomics used otherwise), unless it is
+    pulled (kernels/input_grad.py: no atomics, deterministic anyway). Everything else
     is reproducible anyway: the weight gradient (cuBLAS GEMMs, each writing its own kernel
     points), the bias gradient (a sum), the size, offset and mask gradients (plain stores) and
     the forward (no atomics). Under the Triton interpreter programs run one after another."""
@@ -212,7 +216,9 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
     """
     args, x_cl, w_r = kernel_args(geo, input, coords, weight, mask, mode, backward=True)
     dev, dtype = input.device, input.dtype
-    fixed_point = need_input and deterministic(dev)
+    # the pulled input gradient has no atomics: deterministic without fixed point
+    pull = need_input and input_grad.enabled(mode)
+    fixed_point = need_input and not pull and deterministic(dev)
     go = grad_out.permute(0, 2, 3, 4, 1).contiguous()
     N, C, T, H, W = input.shape
     groups, K, Cg, Cog = w_r.shape
@@ -239,8 +245,11 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
         data_args = dict(args, gx_ptr=gx if need_input else unused, gx_scale_ptr=gx_scale,
                          gcoord_ptr=gcoord if need_coords else unused,
                          gmask_ptr=gmask if need_mask else unused,
-                         NEED_INPUT=need_input, NEED_COORD=need_coords, NEED_MASK=need_mask,
-                         NEED_COLUMN=need_weight, FIXED_POINT=fixed_point)
+                         NEED_INPUT=need_input and not pull, NEED_COORD=need_coords,
+                         NEED_MASK=need_mask, NEED_COLUMN=need_weight, FIXED_POINT=fixed_point)
+        run_data_kernel = need_coords or need_mask or need_weight or (need_input and not pull)
+        bounds = (input_grad.size_bounds(args["coord_ptr"], geo.offset_groups,
+                                         SIZE_CHANNELS[mode]) if pull else None)
 
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]), geo.offset_groups)
@@ -253,9 +262,12 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
                 col = torch.matmul(go_g, w_t).contiguous()
             else:
                 col = torch.empty((groups, M, kc * Cg), device=dev, dtype=dtype)
+            if pull:        # before the data kernel overwrites col with the columns
+                input_grad.launch(args, col, gx, bounds, k0, kc)
             data_args.update(col_ptr=col, K_FIRST=k0, KC=kc, COL_M=kc * Cg, COL_G=M * kc * Cg)
-            configs.launch(d2conv_bwd_data_kernel, d2conv_bwd_data_tuned, "BWD_DATA", grid,
-                           data_args)
+            if run_data_kernel:
+                configs.launch(d2conv_bwd_data_kernel, d2conv_bwd_data_tuned, "BWD_DATA", grid,
+                               data_args)
             if need_weight:     # col now holds the sampled columns
                 gw[:, k0:k0 + kc] = torch.matmul(col.transpose(1, 2), go_g).view(
                     groups, kc, Cg, Cog)

@@ -7,7 +7,7 @@ so a new video size reuses the tuned config of its bucket. Triton adds the tenso
 Environment:
   D2CONV_AUTOTUNE=0          use each kernel's default config (no tuning); always the case under
                              the Triton interpreter, where autotuning cannot run.
-  D2CONV_CONFIG_<KERNEL>=... pin one config for one kernel (FWD, BWD_DATA), e.g.
+  D2CONV_CONFIG_<KERNEL>=... pin one config for one kernel (FWD, BWD_DATA, BWD_INPUT), e.g.
                              D2CONV_CONFIG_FWD="BLOCK_M=64,BLOCK_N=128,BLOCK_C=32,num_warps=4,num_stages=2"
                              (maxnreg=N caps the registers per thread)
   D2CONV_GCOL_MIB=128        the most memory (MiB) the backward's columns (their gradient, then
@@ -70,7 +70,17 @@ BWD_DATA = {"16-bit": [_cfg(4, 1, maxnreg=168, BLOCK_M=64, BLOCK_C=16),
 BWD_DATA["tf32"] = BWD_DATA["tf32x3"] = BWD_DATA["ieee"] = [
     _cfg(8, 1, BLOCK_M=64, BLOCK_C=32), _cfg(4, 1, BLOCK_M=64, BLOCK_C=16),
     _cfg(4, 1, BLOCK_M=32, BLOCK_C=32)]
-CANDIDATES = {"FWD": FWD, "BWD_DATA": BWD_DATA}
+# the pulled input gradient (kernels/input_grad.py, opt-in): bricks of BZ x BY x BX input
+# voxels, BLOCK_P candidate outputs a step. Not yet timed: guesses from its costs (NOTES.md,
+# session 11), the weight tile is rebuilt for every channel block, so wide channel blocks; the
+# fp32 accumulator is BZ*BY*BX*BLOCK_C / (32 * num_warps) registers a thread
+BWD_INPUT = {"16-bit": [_cfg(8, 1, BZ=1, BY=8, BX=8, BLOCK_P=64, BLOCK_C=256),
+                        _cfg(8, 1, BZ=2, BY=8, BX=8, BLOCK_P=64, BLOCK_C=128),
+                        _cfg(8, 1, BZ=2, BY=8, BX=8, BLOCK_P=64, BLOCK_C=64)]}
+BWD_INPUT["tf32"] = BWD_INPUT["tf32x3"] = BWD_INPUT["ieee"] = [
+    _cfg(8, 1, BZ=1, BY=8, BX=8, BLOCK_P=32, BLOCK_C=128),
+    _cfg(8, 1, BZ=2, BY=8, BX=8, BLOCK_P=32, BLOCK_C=32)]
+CANDIDATES = {"FWD": FWD, "BWD_DATA": BWD_DATA, "BWD_INPUT": BWD_INPUT}
 
 
 def all_candidates(kernel):
@@ -86,7 +96,7 @@ def all_candidates(kernel):
 def precision_class(args):
     """ "16-bit", "tf32", "tf32x3" or "ieee" for a launch's arguments (the input's dtype,
     DOT_PRECISION)."""
-    if args["x_ptr"].dtype != torch.float32:
+    if args.get("x_ptr", args.get("col_ptr")).dtype != torch.float32:   # BWD_INPUT: no x_ptr
         return "16-bit"
     return args["DOT_PRECISION"]
 
@@ -94,7 +104,8 @@ def precision_class(args):
 # under the interpreter: small blocks, so that tests with a few dozen channels run every loop
 # (several channel and output-channel blocks, several voxel blocks, masked tails)
 INTERPRETER = {"FWD": _cfg(4, 1, BLOCK_M=32, BLOCK_N=16, BLOCK_C=16),
-               "BWD_DATA": _cfg(4, 1, BLOCK_M=32, BLOCK_C=16)}
+               "BWD_DATA": _cfg(4, 1, BLOCK_M=32, BLOCK_C=16),
+               "BWD_INPUT": _cfg(4, 1, BZ=2, BY=4, BX=4, BLOCK_P=32, BLOCK_C=16)}
 
 # what each block dimension tiles (its extent is the named kernel argument); tl.dot needs >= 16
 _EXTENT = {"BLOCK_N": "Cog", "BLOCK_C": "SEG"}

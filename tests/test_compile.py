@@ -54,3 +54,17 @@ def test_deterministic_data_kernel_compiles_for_sm90():
     lines = compile_check("--dtype", "bfloat16", "--kernel", "BWD_DATA", "--deterministic")
     assert len(lines) == 1 and 0 < registers(lines[0]) <= 255, lines
     assert lines[0].endswith("tile stores in place"), lines
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU suite compiles them for real")
+@pytest.mark.skipif(not (TOOLS / "cuobjdump").exists(), reason="Triton without its CUDA tools")
+def test_pulled_input_gradient_compiles_for_sm90():
+    """The pulled input gradient (D2CONV_INPUT_GRAD=pull): its brick kernel, and the data kernel
+    without the input gradient's atomics."""
+    lines = compile_check("--dtype", "bfloat16", "float32", "--kernel", "BWD_INPUT", "BWD_DATA",
+                          "--pull")
+    assert [line.split()[1] for line in lines] == ["BWD_INPUT", "BWD_DATA"] * 2, lines
+    for line in lines:
+        assert 0 < registers(line) <= 255, line
+        assert int(line.split(" vector loads")[0].split()[-1]) > 0, line
+        assert int(line.split(" vector atomics")[0].split()[-1]) == 0, line

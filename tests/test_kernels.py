@@ -145,6 +145,76 @@ def test_fixed_point_input_gradient(case, monkeypatch):
     check_against_reference(case)
 
 
+@pytest.fixture
+def pulled(monkeypatch):
+    """D2CONV_INPUT_GRAD=pull (kernels/input_grad.py); returns the list of its launches' point
+    counts, so that a test can tell that the pull ran and not the scatter."""
+    from kernels import input_grad
+    monkeypatch.setenv("D2CONV_INPUT_GRAD", "pull")
+    launches, launch = [], input_grad.launch
+
+    def counted(args, col, gx, bounds, k_first, kc):
+        launches.append(kc)
+        return launch(args, col, gx, bounds, k_first, kc)
+
+    monkeypatch.setattr(input_grad, "launch", counted)
+    return launches
+
+
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 7, 8, 10, 12, 14, 16)], ids=str)
+def test_pulled_input_gradient(case, pulled):
+    """The input gradient pulled by bricks of input voxels from the outputs whose samples can
+    reach them (no atomics), in D²Conv cases of test_matches_reference: modes, groups with
+    offset groups, stride, padding and dilation per axis, a non-cubic kernel, one frame, no
+    mask. Only the input gradient is asked for (no data kernel runs); the tests below take all
+    of them."""
+    x, c, w, b, m = make_inputs(case)
+    for t in (c, w, b, m):
+        if t is not None:
+            t.requires_grad_(False)
+    x_in = nan_padded(x, channels_last=True)
+    out = apply(case, x_in, c, w, b, m)
+    grad_out = torch.randn_like(out)
+    grad, = torch.autograd.grad(out, [x_in], grad_out)
+    ref_out, ref_grads = reference(case, [x, c, w, b, m], grad_out)
+    assert rel_err(out, ref_out) <= 1e-5
+    assert rel_err(grad, ref_grads[0]) <= 1e-5
+    assert sum(pulled) == case.K
+
+
+@pytest.mark.parametrize("low, high", [(0.05, 0.4), (0.5, 6.0), (1.0, 1.0)])
+def test_pulled_input_gradient_size_ranges(low, high, pulled, monkeypatch):
+    """Sizes below 1 (samples inside the kernel's own cell), large ones (a window wider than the
+    volume) and all 1 (integer samples), over several launches of 4 kernel points, with every
+    gradient (the data kernel overwrites the column gradient after the pull has read it)."""
+    from kernels import backward
+    monkeypatch.setattr(backward, "points_per_launch", lambda *args: 4)
+    case = Case(N=1, C=8, T=2, H=5, W=6, Co=8, mode="xyz")
+    coords = torch.rand(case.N, 3, *case.out) * (high - low) + low
+    check_against_reference(case, coords=coords)
+    assert pulled == [4] * 6 + [3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pulled_input_gradient_half(dtype, pulled):
+    """16-bit inputs: the brick's weights meet the column gradient in a 16-bit product (fp32
+    accumulation). bf16 on the GPU only (the interpreter's bf16 tl.dot is wrong)."""
+    if dtype == torch.bfloat16 and not ON_GPU:
+        pytest.skip("the interpreter's bf16 tl.dot is wrong; the GPU suite runs it")
+    check_against_reference(Case(N=1, C=18, T=2, H=4, W=5, Co=20, mode="xyz"), dtype=dtype,
+                            tol=1e-2)
+    assert pulled
+
+
+def test_input_gradient_choice_is_checked(monkeypatch):
+    from kernels import input_grad
+    monkeypatch.setenv("D2CONV_INPUT_GRAD", "gather")
+    with pytest.raises(ValueError, match="D2CONV_INPUT_GRAD"):
+        input_grad.enabled("xyz")
+    monkeypatch.setenv("D2CONV_INPUT_GRAD", "pull")
+    assert input_grad.enabled("xyz") and not input_grad.enabled("offset")
+
+
 def test_fixed_point_scale():
     """A power of two that keeps the bound on every input-gradient sum under 2^62, and NaN (so a
     NaN input gradient) for non-finite gradients."""

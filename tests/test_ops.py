@@ -220,9 +220,12 @@ def test_deterministic_mode_policy(deterministic_algorithms):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the deterministic path matters on the GPU")
-def test_deterministic_backward_is_bitwise_reproducible(deterministic_algorithms):
-    """Every gradient, the input's (fixed point) included; fp32 atomics would differ run to run
-    in their last bits."""
+@pytest.mark.parametrize("input_grad", ["scatter", "pull"])
+def test_deterministic_backward_is_bitwise_reproducible(input_grad, deterministic_algorithms,
+                                                        monkeypatch):
+    """Every gradient, the input's (fixed point, or pulled without atomics) included; fp32
+    atomics would differ run to run in their last bits."""
+    monkeypatch.setenv("D2CONV_INPUT_GRAD", input_grad)
     case = Case(N=2, C=32, T=3, H=9, W=11, Co=32, mode="xyz")
     x, size, w, b, m = make_inputs(case)
     grad_out = torch.randn_like(apply(case, x, size, w, b, m))
