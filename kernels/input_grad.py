@@ -69,7 +69,8 @@ def d2conv_input_grad_kernel(
     col_ptr,     # (groups, M, KC, Cg): the column gradient of kernel points K_FIRST.. (read)
     gx_ptr,      # fp32 (N, T, H, W, C): accumulated (each element by one program)
     bounds_ptr,  # fp32 (NS, 2): the smallest and largest size of each size channel
-    C, T, H, W, To, Ho, Wo, Cg, Cpg, SEG, G, COORD_CH, M_BUCKET,
+    C, T, H, W, To, Ho, Wo, Cg, Cpg, SEG, G, COORD_CH,
+    M_BUCKET,                       # read by the autotuner's key only
     K_FIRST, KC, COL_M, COL_G,      # this launch's kernel points; col's strides (voxel, group)
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
