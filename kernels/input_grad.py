@@ -14,6 +14,7 @@ written by one program, and the result does not depend on any order (determinist
 grows with the spread of the sizes (the window); free offsets have no such bound and keep the
 scatter. Not timed yet: bench/NOTES.md (session 11) estimates it against the scatter.
 """
+import inspect
 import os
 
 import torch
@@ -21,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .sampling import load_sizes
+from .sampling import load_sizes, size_delta
 
 
 @triton.jit
@@ -33,12 +34,11 @@ def _window(lo0, extent, idx, KSIZE: tl.constexpr, S: tl.constexpr, P: tl.conste
     (lo0 - 1, lo0 + extent). A margin of 1e-3 voxel on each side covers the rounding of the
     positions (the weights of the extra indices are 0)."""
     base = (idx * D - P).to(tl.float32)
-    t = ((idx - KSIZE // 2) * D).to(tl.float32)
     d_min = 0.0
     d_max = 0.0
     if SCALED:
-        a = (s_lo - 1.0) * t
-        b = (s_hi - 1.0) * t
+        a = size_delta(s_lo, idx, KSIZE, D)
+        b = size_delta(s_hi, idx, KSIZE, D)
         d_min = tl.minimum(a, b)
         d_max = tl.maximum(a, b)
     # p * S > lo0 - 1 - base - d_max and p * S < lo0 + extent - base - d_min
@@ -58,7 +58,7 @@ def _axis_weight(p, x, idx, s, KSIZE: tl.constexpr, S: tl.constexpr, P: tl.const
     samples of output indices p ([BLOCK_P], scales s), with the float ops of kernel_point."""
     position = (p * S - P + idx * D).to(tl.float32)
     if SCALED:
-        position = position + (s - 1.0) * ((idx - KSIZE // 2) * D).to(tl.float32)
+        position = position + size_delta(s, idx, KSIZE, D)
     return tl.maximum(1.0 - tl.abs(position[None, :] - x.to(tl.float32)[:, None]), 0.0)
 
 
@@ -188,10 +188,10 @@ def launch(args, col, gx, bounds, k_first, kc):
 
     args: the data kernel's arguments (forward.kernel_args); col (groups, M, kc*Cg) their column
     gradient; gx fp32 channels-last (N, T, H, W, C); bounds from size_bounds."""
-    names = ("coord_ptr", "mask_ptr", "C", "T", "H", "W", "To", "Ho", "Wo", "Cg", "Cpg",
-             "SEG", "G", "COORD_CH", "M_BUCKET", "KD", "KH", "KW", "SD", "SH", "SW", "PD", "PH",
-             "PW", "DD", "DH", "DW", "SZ_CH", "SY_CH", "SX_CH", "HAS_MASK", "DOT_PRECISION")
-    pull_args = {name: args[name] for name in names}
+    # the kernel's parameters that the data kernel shares (the others are set here, or are
+    # the config's)
+    params = inspect.signature(d2conv_input_grad_kernel.fn).parameters   # jit or interpreted
+    pull_args = {name: args[name] for name in params if name in args}
     pull_args.update(col_ptr=col, gx_ptr=gx, bounds_ptr=bounds, K_FIRST=k_first, KC=kc,
                      COL_M=kc * args["Cg"], COL_G=args["M"] * kc * args["Cg"])
     N = args["M"] // (args["To"] * args["Ho"] * args["Wo"])

@@ -67,6 +67,15 @@ def class_point(r, TAPS: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: t
 
 
 @triton.jit
+def size_delta(s, idx, KSIZE: tl.constexpr, D: tl.constexpr):
+    """D²Conv's offset along one axis of kernel index ``idx`` at scale ``s``: the kernel grid
+    scaled about its centre, (s - 1) * (idx - centre) * dilation, in fp32 (the float ops of
+    offsets_from_size). Shared by the kernels that sample and the pulled input gradient, whose
+    weights must see the very same positions."""
+    return (s - 1.0) * ((idx - KSIZE // 2) * D).to(tl.float32)
+
+
+@triton.jit
 def axis_taps(base, delta, size, TWO: tl.constexpr):
     """One axis of a sample at ``base + delta``.
 
@@ -221,10 +230,9 @@ def kernel_point(coord_ptr, coord_row, mask_ptr, mask_row, L, sp_ok, n64, i, j, 
         d_y = tl.load(coord_ptr + coord_row + (k * 3 + 1) * L, mask=sp_ok, other=0.0).to(tl.float32)
         d_x = tl.load(coord_ptr + coord_row + (k * 3 + 2) * L, mask=sp_ok, other=0.0).to(tl.float32)
     else:
-        # the float ops of offsets_from_size: (s - 1) * ((index - centre) * dilation)
-        d_z = (s_z - 1.0) * ((i - KD // 2) * DD).to(tl.float32)
-        d_y = (s_y - 1.0) * ((j - KH // 2) * DH).to(tl.float32)
-        d_x = (s_x - 1.0) * ((l - KW // 2) * DW).to(tl.float32)
+        d_z = size_delta(s_z, i, KD, DD)
+        d_y = size_delta(s_y, j, KH, DH)
+        d_x = size_delta(s_x, l, KW, DW)
     z0, fz, okz0, okz1 = axis_taps(bz, d_z, T, (TAPS >> 2) % 2 == 1)
     # rows past the last voxel read and write nothing
     okz0 = okz0 & sp_ok
