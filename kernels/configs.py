@@ -88,9 +88,14 @@ def all_candidates(kernel):
     launch's class)."""
     unique = {}
     for config in (c for configs in CANDIDATES[kernel].values() for c in configs):
-        unique.setdefault((str(config.kwargs), config.num_warps, config.num_stages,
-                           config.maxnreg), config)
+        unique.setdefault(_identity(config), config)
     return list(unique.values())
+
+
+def _identity(config):
+    """What makes two configs the same launch."""
+    return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages,
+            config.maxnreg)
 
 
 def precision_class(args):
@@ -130,8 +135,7 @@ def prune(configs, named_args, kernel=None, **kwargs):
     seen, kept = set(), []
     for config in configs:
         config = _fit(config, args)
-        key = (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages,
-               config.maxnreg)
+        key = _identity(config)
         if key not in seen:
             seen.add(key)
             kept.append(config)
