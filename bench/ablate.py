@@ -210,33 +210,32 @@ def main():
                                                               True, True, True, True),
             "BWD_DATA(weight only)": lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", False,
                                                             False, False, False, True),
-            # torch.use_deterministic_algorithms: the input gradient in int64 fixed point
-            "BWD_DATA(all, deterministic)": lambda: deterministic(
-                lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", True, True, True, True, True)),
+            # torch.use_deterministic_algorithms with the scatter: int64 fixed point
+            "BWD_DATA(all, deterministic)": lambda: under(
+                lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", True, True, True, True, True),
+                "scatter", deterministic=True),
             # the input gradient pulled (kernels/input_grad.py, no atomics): alone (its GEMM and
             # the brick kernel; compare "BWD_DATA(input grad only)"), the whole backward, and
-            # the whole backward in deterministic mode (which then needs no fixed point)
-            "BWD_INPUT": lambda: pulled(
+            # the whole backward in deterministic mode (whose default it is: no fixed point)
+            "BWD_INPUT": lambda: under(
                 lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", False, True, False, False,
-                                       False)),
-            "BWD_INPUT(all gradients)": lambda: pulled(
-                lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", True, True, True, True, True)),
-            "BWD_INPUT(all, deterministic)": lambda: pulled(lambda: deterministic(
-                lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", True, True, True, True, True))),
+                                       False), "pull"),
+            "BWD_INPUT(all gradients)": lambda: under(
+                lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", True, True, True, True, True),
+                "pull"),
+            "BWD_INPUT(all, deterministic)": lambda: under(
+                lambda: bwd.d2conv_bwd(geo, go, x, s, w, m, "xyz", True, True, True, True, True),
+                "auto", deterministic=True),
         }
 
-    def pulled(call):
-        os.environ["D2CONV_INPUT_GRAD"] = "pull"
+    def under(call, input_grad, deterministic=False):
+        """call() with D2CONV_INPUT_GRAD and torch.use_deterministic_algorithms set."""
+        os.environ["D2CONV_INPUT_GRAD"] = input_grad
+        torch.use_deterministic_algorithms(deterministic)
         try:
             return call()
         finally:
             del os.environ["D2CONV_INPUT_GRAD"]
-
-    def deterministic(call):
-        torch.use_deterministic_algorithms(True)
-        try:
-            return call()
-        finally:
             torch.use_deterministic_algorithms(False)
 
     from kernels import configs

@@ -12,9 +12,9 @@ columns of the forward, and gcol = grad_out @ Wt, their gradient:
     col          = A[:, points]       (overwriting gcol in place, tile by tile, once read)
   grad_weight[points] = col^T @ grad_out   (GEMM);  grad_bias = sum_m grad_out
 The columns are gathered once, by the kernel that already loads their corners, and both
-products run on cuBLAS (bench/NOTES.md, session 10). With D2CONV_INPUT_GRAD=pull (D²Conv modes)
-the input gradient is made instead, from the same column gradient and before the data kernel
-overwrites it, by kernels/input_grad.py without atomics.
+products run on cuBLAS (bench/NOTES.md, session 10). In deterministic mode (D²Conv modes), or
+with D2CONV_INPUT_GRAD=pull, the input gradient is made instead, from the same column gradient and
+before the data kernel overwrites it, by kernels/input_grad.py without atomics.
 """
 import os
 
@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 from . import configs, input_grad
-from .checks import SIZE_CHANNELS
 from .forward import kernel_args
 from .sampling import (class_point, class_points, gather_dot, gather_tile, kernel_point,
                        load_sizes, scatter_tile)
@@ -180,9 +179,10 @@ def points_per_launch(M, C, K, itemsize):
 
 def deterministic(device):
     """Whether the backward must be deterministic (``torch.use_deterministic_algorithms``): on a
-    GPU, the input gradient is then accumulated in fixed point (int64 atomics, whose sums do not
-    depend on their order; twice the bytes of the fp32 atomics used otherwise), unless it is
-    pulled (kernels/input_grad.py: no atomics, deterministic anyway). Everything else
+    GPU, the input gradient is then pulled (D²Conv modes, kernels/input_grad.py: no atomics) or
+    accumulated in fixed point (free offsets, or sizes spread too wide for the pull: int64
+    atomics, whose sums do not depend on their order; twice the bytes of the fp32 atomics used
+    otherwise). Everything else
     is reproducible anyway: the weight gradient (cuBLAS GEMMs, each writing its own kernel
     points), the bias gradient (a sum), the size, offset and mask gradients (plain stores) and
     the forward (no atomics). Under the Triton interpreter programs run one after another."""
@@ -217,7 +217,9 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
     args, x_cl, w_r = kernel_args(geo, input, coords, weight, mask, mode, backward=True)
     dev, dtype = input.device, input.dtype
     # the pulled input gradient has no atomics: deterministic without fixed point
-    pull = need_input and input_grad.enabled(mode)
+    bounds = (input_grad.choose(mode, deterministic(dev), args["coord_ptr"], geo)
+              if need_input else None)
+    pull = bounds is not None
     fixed_point = need_input and not pull and deterministic(dev)
     go = grad_out.permute(0, 2, 3, 4, 1).contiguous()
     N, C, T, H, W = input.shape
@@ -248,8 +250,6 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
                          NEED_INPUT=need_input and not pull, NEED_COORD=need_coords,
                          NEED_MASK=need_mask, NEED_COLUMN=need_weight, FIXED_POINT=fixed_point)
         run_data_kernel = need_coords or need_mask or need_weight or (need_input and not pull)
-        bounds = (input_grad.size_bounds(args["coord_ptr"], geo.offset_groups,
-                                         SIZE_CHANNELS[mode]) if pull else None)
 
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]), geo.offset_groups)

@@ -1,4 +1,4 @@
-"""D²Conv's input gradient without atomics (experimental, opt-in: D2CONV_INPUT_GRAD=pull).
+"""D²Conv's input gradient without atomics, for deterministic mode (or D2CONV_INPUT_GRAD=pull).
 
 The data kernel scatters mask * corner_weight * gcol into each sample's 8 corners with fp32
 atomics. Here each program owns a brick of input voxels and pulls instead: for each kernel point
@@ -12,7 +12,9 @@ as a tl.dot of the [brick, candidates] weight tile (mostly zero) with the candid
 gradient: the scatter becomes a small matrix multiply on the tensor cores, each input element is
 written by one program, and the result does not depend on any order (deterministic). The cost
 grows with the spread of the sizes (the window); free offsets have no such bound and keep the
-scatter. Not timed yet: bench/NOTES.md (session 11) estimates it against the scatter.
+scatter. At rf2 (bf16, H200, sizes in [0.5, 3]) it takes 2.5 ms against the fp32 scatter's 2.3
+and the fixed-point scatter's ~10.5 (bench/NOTES.md, session 12): the default in deterministic
+mode only (``choose``).
 """
 import inspect
 import os
@@ -22,6 +24,7 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .checks import SIZE_CHANNELS
 from .sampling import load_sizes, size_delta
 
 
@@ -168,12 +171,30 @@ d2conv_input_grad_tuned = triton.autotune(
     d2conv_input_grad_kernel)
 
 
-def enabled(mode):
-    """Whether the input gradient is pulled (D2CONV_INPUT_GRAD=pull; D²Conv modes only)."""
-    choice = os.environ.get("D2CONV_INPUT_GRAD", "scatter")
-    if choice not in ("scatter", "pull"):
-        raise ValueError(f"D2CONV_INPUT_GRAD must be 'scatter' or 'pull', got {choice!r}")
-    return choice == "pull" and mode != "offset"
+# the pull's window grows with the spread of the sizes (hi - lo, times the dilation and the
+# kernel's half width): its work goes as (brick + 1 + spread)^3 per axis. At sizes in [0.5, 3]
+# (spread 2.5) it took 2.5 ms at rf2 against ~10.5 for the fixed-point scatter of deterministic
+# mode (bf16, H200, session 12); by that model it stays ahead up to a spread of about 8
+AUTO_MAX_SPREAD = 8.0
+
+
+def choose(mode, deterministic, coords, geo):
+    """Whether to pull the input gradient: its size bounds (size_bounds), or None to scatter.
+
+    D2CONV_INPUT_GRAD=pull or scatter decides; unset (or auto) the pull is taken in deterministic
+    mode, whose scatter needs int64 fixed point (2.9x slower whole backward at rf2), unless the
+    sizes spread wider than AUTO_MAX_SPREAD (read with one host sync). Free offsets have no
+    window: always the scatter."""
+    choice = os.environ.get("D2CONV_INPUT_GRAD", "auto")
+    if choice not in ("auto", "scatter", "pull"):
+        raise ValueError(f"D2CONV_INPUT_GRAD must be 'auto', 'scatter' or 'pull', got {choice!r}")
+    if mode == "offset" or choice == "scatter" or (choice == "auto" and not deterministic):
+        return None
+    bounds = size_bounds(coords, geo.offset_groups, SIZE_CHANNELS[mode])
+    reach = max(d * (k // 2) for d, k in zip(geo.dilation, geo.kernel))
+    if choice == "auto" and (bounds[:, 1] - bounds[:, 0]).max().item() * reach > AUTO_MAX_SPREAD:
+        return None
+    return bounds
 
 
 def size_bounds(coords, offset_groups, size_channels):

@@ -145,9 +145,10 @@ def check_some_gradients(case, wanted):
 def test_fixed_point_input_gradient(case, monkeypatch):
     """Deterministic mode's input gradient (int64 fixed-point atomics, on a GPU under
     torch.use_deterministic_algorithms) against the reference, forced on here; over several
-    launches, whose sums must share one scale."""
+    launches, whose sums must share one scale. The scatter is forced: D²Conv modes would pull."""
     from kernels import backward
     monkeypatch.setattr(backward, "deterministic", lambda device: True)
+    monkeypatch.setenv("D2CONV_INPUT_GRAD", "scatter")
     monkeypatch.setattr(backward, "points_per_launch", lambda *args: 5)
     check_against_reference(case)
 
@@ -203,13 +204,32 @@ def test_pulled_input_gradient_half(dtype, pulled):
     assert pulled
 
 
-def test_input_gradient_choice_is_checked(monkeypatch):
+def test_input_gradient_choice(monkeypatch):
+    """Unset, the pull is deterministic mode's (D²Conv modes, sizes within AUTO_MAX_SPREAD) and
+    the scatter everyone else's; D2CONV_INPUT_GRAD forces either; a bad value names it."""
     from kernels import input_grad
+    from kernels.checks import check_args
+    case = Case(N=1, C=4, T=2, H=5, W=6, Co=4, mode="xyz")
+    x, size, w, _, m = make_inputs(case)
+    geo = check_args(x, size, w, None, 1, 1, 1, m, 1, "xyz")     # 3x3x3: reach 1 voxel
+    narrow = torch.rand_like(size) * 2.5 + 0.5                      # spread 2.5
+    wide = narrow.clone()
+    wide.view(-1)[0] = 0.5 + input_grad.AUTO_MAX_SPREAD + 0.1       # one wide size
+    monkeypatch.delenv("D2CONV_INPUT_GRAD", raising=False)
+    bounds = input_grad.choose("xyz", True, narrow, geo)
+    assert torch.equal(bounds, torch.stack([narrow.amin((0, 2, 3, 4)),
+                                            narrow.amax((0, 2, 3, 4))], 1))
+    assert input_grad.choose("xyz", False, narrow, geo) is None
+    assert input_grad.choose("xyz", True, wide, geo) is None
+    assert input_grad.choose("offset", True, narrow, geo) is None
+    monkeypatch.setenv("D2CONV_INPUT_GRAD", "pull")
+    assert input_grad.choose("xyz", False, wide, geo) is not None
+    assert input_grad.choose("offset", False, narrow, geo) is None
+    monkeypatch.setenv("D2CONV_INPUT_GRAD", "scatter")
+    assert input_grad.choose("xyz", True, narrow, geo) is None
     monkeypatch.setenv("D2CONV_INPUT_GRAD", "gather")
     with pytest.raises(ValueError, match="D2CONV_INPUT_GRAD"):
-        input_grad.enabled("xyz")
-    monkeypatch.setenv("D2CONV_INPUT_GRAD", "pull")
-    assert input_grad.enabled("xyz") and not input_grad.enabled("offset")
+        input_grad.choose("xyz", False, narrow, geo)
 
 
 def test_fixed_point_scale():

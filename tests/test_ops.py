@@ -210,7 +210,7 @@ def deterministic_algorithms():
 
 
 def test_deterministic_mode_policy(deterministic_algorithms):
-    """On a GPU in deterministic mode the input gradient takes the fixed-point path; nothing
+    """On a GPU in deterministic mode the input gradient is pulled or in fixed point; nothing
     changes on the CPU (the interpreter runs programs one after another) or with the mode off."""
     from kernels.backward import deterministic
     assert deterministic(torch.device("cuda"))
