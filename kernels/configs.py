@@ -70,13 +70,14 @@ BWD_DATA = {"16-bit": [_cfg(4, 1, maxnreg=168, BLOCK_M=64, BLOCK_C=16),
 BWD_DATA["tf32"] = BWD_DATA["tf32x3"] = BWD_DATA["ieee"] = [
     _cfg(8, 1, BLOCK_M=64, BLOCK_C=32), _cfg(4, 1, BLOCK_M=64, BLOCK_C=16),
     _cfg(4, 1, BLOCK_M=32, BLOCK_C=32)]
-# the pulled input gradient (kernels/input_grad.py, opt-in): bricks of BZ x BY x BX input
-# voxels, BLOCK_P candidate outputs a step. Not yet timed: guesses from its costs (NOTES.md,
-# session 11), the weight tile is rebuilt for every channel block, so wide channel blocks; the
-# fp32 accumulator is BZ*BY*BX*BLOCK_C / (32 * num_warps) registers a thread
-BWD_INPUT = {"16-bit": [_cfg(8, 1, BZ=1, BY=8, BX=8, BLOCK_P=64, BLOCK_C=256),
-                        _cfg(8, 1, BZ=2, BY=8, BX=8, BLOCK_P=64, BLOCK_C=128),
-                        _cfg(8, 1, BZ=2, BY=8, BX=8, BLOCK_P=64, BLOCK_C=64)]}
+# the pulled input gradient (kernels/input_grad.py; deterministic mode's): bricks of BZ x BY x BX
+# input voxels, BLOCK_P candidate outputs a step; the fp32 accumulator is BZ*BY*BX*BLOCK_C /
+# (32 * num_warps) registers a thread. On an H200 (bf16, session 12) the first ran rf2 in 2.39 ms
+# (64-wide steps 2.53; bricks of 2x16x16 or 4x8x16 over 3 ms), the second early in 9.28 (2x8x8
+# bricks with 64-wide steps 11.7: early's 8 frames do not bound the window in t as rf2's 4 do).
+# 4x8x8 bricks with 128 channels ran rf2 in 2.59 but spill 432 B. The fp32 ones are untimed guesses
+BWD_INPUT = {"16-bit": [_cfg(8, 1, BZ=2, BY=8, BX=8, BLOCK_P=128, BLOCK_C=128),
+                        _cfg(8, 1, BZ=4, BY=8, BX=8, BLOCK_P=64, BLOCK_C=64)]}
 BWD_INPUT["tf32"] = BWD_INPUT["tf32x3"] = BWD_INPUT["ieee"] = [
     _cfg(8, 1, BZ=1, BY=8, BX=8, BLOCK_P=32, BLOCK_C=128),
     _cfg(8, 1, BZ=2, BY=8, BX=8, BLOCK_P=32, BLOCK_C=32)]
