@@ -1,7 +1,8 @@
 """Hardware counters of each kernel of one forward+backward, d2conv3d against dense cuDNN
 (Nsight Compute): achieved TFLOP/s, L2 and DRAM bytes, tensor-pipe and issue-slot use, stalls.
 
-    PYTHONPATH=. python bench/ncu_profile.py [--shape rf2] [--dtype bfloat16] [--out FILE.csv]
+    PYTHONPATH=. python bench/ncu_profile.py [--shape rf2] [--dtype bfloat16] [--ops dense,d2conv3d]
+                                            [--out FILE.csv]
 
 Runs itself under `ncu` (clocks not locked, so times are the card's own): a warm-up that
 compiles, then one forward+backward of each op inside cudaProfilerStart/Stop. Kernel configs are
@@ -40,12 +41,14 @@ WANTED = [  # (column, metric); metrics this ncu does not know are left out with
     ("stall short sb %", "smsp__warp_issue_stalled_short_scoreboard_per_warp_active.pct"),
     ("stall wait %", "smsp__warp_issue_stalled_wait_per_warp_active.pct"),
     ("stall math %", "smsp__warp_issue_stalled_math_pipe_throttle_per_warp_active.pct"),
+    # waiting for instructions to be fetched (code larger than the instruction cache)
+    ("stall no inst %", "smsp__warp_issue_stalled_no_instruction_per_warp_active.pct"),
 ]
 SCALE = {"ms": 1e-6, "L2 GB": 1e-9, "DRAM GB": 1e-9, "Ginst": 1e-9}   # ncu base units: ns, bytes
 
 
-def run_ops(shape, dtype_name):
-    """The warm-up, then one profiled forward+backward of dense and of d2conv3d."""
+def run_ops(shape, dtype_name, ops):
+    """The warm-up, then one profiled forward+backward of each op (bench/test_kernels.py's)."""
     import torch
 
     from test_kernels import DTYPES, SHAPES, make, timed
@@ -53,7 +56,7 @@ def run_ops(shape, dtype_name):
     tf32 = dtype_name == "float32-tf32"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     runs = [timed(*make(SHAPES[shape], DTYPES[dtype_name], op), "fwdbwd")
-            for op in ("dense", "d2conv3d")]
+            for op in ops]
     for run in runs:
         run()                     # compiles
     torch.cuda.synchronize()
@@ -75,11 +78,13 @@ def main():
     parser.add_argument("--shape", default="rf2")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--ncu", default=os.environ.get("NCU", "ncu"))
+    parser.add_argument("--ops", default="dense,d2conv3d",
+                        help="ops of bench/test_kernels.py, in this order")
     parser.add_argument("--out", help="also write ncu's raw CSV here")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
-        return run_ops(args.shape, args.dtype)
+        return run_ops(args.shape, args.dtype, args.ops.split(","))
 
     known = known_metrics(args.ncu)
     columns, metrics = [], []
@@ -94,7 +99,8 @@ def main():
     env = dict(os.environ, D2CONV_AUTOTUNE="0")
     cmd = [args.ncu, "--profile-from-start", "off", "--clock-control", "none", "--csv",
            "--print-units", "base", "--metrics", ",".join(metrics), sys.executable,
-           os.path.abspath(__file__), "--inner", "--shape", args.shape, "--dtype", args.dtype]
+           os.path.abspath(__file__), "--inner", "--shape", args.shape, "--dtype", args.dtype,
+           "--ops", args.ops]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     text = done.stdout[done.stdout.find('"ID"'):]
     if done.returncode or not text:
