@@ -178,13 +178,19 @@ d2conv_input_grad_tuned = triton.autotune(
 AUTO_MAX_SPREAD = 8.0
 
 
+def capturing(tensor):
+    """Whether a CUDA graph is being captured on the tensor's device (no host syncs then)."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def choose(mode, deterministic, coords, geo):
     """Whether to pull the input gradient: its size bounds (size_bounds), or None to scatter.
 
     D2CONV_INPUT_GRAD=pull or scatter decides; unset (or auto) the pull is taken in deterministic
     mode, whose scatter needs int64 fixed point (2.9x slower whole backward at rf2), unless the
-    sizes spread wider than AUTO_MAX_SPREAD (read with one host sync). Free offsets have no
-    window: always the scatter."""
+    sizes spread wider than AUTO_MAX_SPREAD (read with one host sync; not while a CUDA graph is
+    being captured, where the pull is taken: right for any spread, only slower). Free offsets
+    have no window: always the scatter."""
     choice = os.environ.get("D2CONV_INPUT_GRAD", "auto")
     if choice not in ("auto", "scatter", "pull"):
         raise ValueError(f"D2CONV_INPUT_GRAD must be 'auto', 'scatter' or 'pull', got {choice!r}")
@@ -192,7 +198,8 @@ def choose(mode, deterministic, coords, geo):
         return None
     bounds = size_bounds(coords, geo.offset_groups, SIZE_CHANNELS[mode])
     reach = max(d * (k // 2) for d, k in zip(geo.dilation, geo.kernel))
-    if choice == "auto" and (bounds[:, 1] - bounds[:, 0]).max().item() * reach > AUTO_MAX_SPREAD:
+    if (choice == "auto" and not capturing(coords)
+            and (bounds[:, 1] - bounds[:, 0]).max().item() * reach > AUTO_MAX_SPREAD):
         return None
     return bounds
 

@@ -205,8 +205,9 @@ def test_pulled_input_gradient_half(dtype, pulled):
 
 
 def test_input_gradient_choice(monkeypatch):
-    """Unset, the pull is deterministic mode's (D²Conv modes, sizes within AUTO_MAX_SPREAD) and
-    the scatter everyone else's; D2CONV_INPUT_GRAD forces either; a bad value names it."""
+    """Unset, the pull is deterministic mode's (D²Conv modes, sizes within AUTO_MAX_SPREAD, or any
+    while a CUDA graph is captured) and the scatter everyone else's; D2CONV_INPUT_GRAD forces
+    either; a bad value names it."""
     from kernels import input_grad
     from kernels.checks import check_args
     case = Case(N=1, C=4, T=2, H=5, W=6, Co=4, mode="xyz")
@@ -222,6 +223,9 @@ def test_input_gradient_choice(monkeypatch):
     assert input_grad.choose("xyz", False, narrow, geo) is None
     assert input_grad.choose("xyz", True, wide, geo) is None
     assert input_grad.choose("offset", True, narrow, geo) is None
+    with monkeypatch.context() as capturing:    # a CUDA graph's capture: no host sync
+        capturing.setattr(input_grad, "capturing", lambda tensor: True)
+        assert input_grad.choose("xyz", True, wide, geo) is not None
     monkeypatch.setenv("D2CONV_INPUT_GRAD", "pull")
     assert input_grad.choose("xyz", False, wide, geo) is not None
     assert input_grad.choose("offset", False, narrow, geo) is None
