@@ -182,10 +182,10 @@ def deterministic(device):
     GPU, the input gradient is then pulled (D²Conv modes, kernels/input_grad.py: no atomics) or
     accumulated in fixed point (free offsets, or sizes spread too wide for the pull: int64
     atomics, whose sums do not depend on their order; twice the bytes of the fp32 atomics used
-    otherwise). Everything else
-    is reproducible anyway: the weight gradient (cuBLAS GEMMs, each writing its own kernel
-    points), the bias gradient (a sum), the size, offset and mask gradients (plain stores) and
-    the forward (no atomics). Under the Triton interpreter programs run one after another."""
+    otherwise). Everything else is reproducible anyway: the weight gradient (cuBLAS GEMMs, each
+    writing its own kernel points), the bias gradient (a sum), the size, offset and mask
+    gradients (plain stores) and the forward (no atomics). Under the Triton interpreter programs
+    run one after another."""
     return device.type == "cuda" and torch.are_deterministic_algorithms_enabled()
 
 

@@ -12,9 +12,9 @@ as a tl.dot of the [brick, candidates] weight tile (mostly zero) with the candid
 gradient: the scatter becomes a small matrix multiply on the tensor cores, each input element is
 written by one program, and the result does not depend on any order (deterministic). The cost
 grows with the spread of the sizes (the window); free offsets have no such bound and keep the
-scatter. At rf2 (bf16, H200, sizes in [0.5, 3]) it takes 2.5 ms against the fp32 scatter's 2.3
-and the fixed-point scatter's ~10.5 (bench/NOTES.md, session 12): the default in deterministic
-mode only (``choose``).
+scatter. At rf2 (bf16, H200, sizes in [0.5, 3]) it takes 2.4 ms with the column-gradient GEMMs,
+against 2.3 for the fp32 scatter and ~10.5 for the fixed-point one (bench/NOTES.md, session 12):
+the default in deterministic mode only (``choose``).
 """
 import inspect
 import os
@@ -172,9 +172,10 @@ d2conv_input_grad_tuned = triton.autotune(
 
 
 # the pull's window grows with the spread of the sizes (hi - lo, times the dilation and the
-# kernel's half width): its work goes as (brick + 1 + spread)^3 per axis. At sizes in [0.5, 3]
-# (spread 2.5) it took 2.5 ms at rf2 against ~10.5 for the fixed-point scatter of deterministic
-# mode (bf16, H200, session 12); by that model it stays ahead up to a spread of about 8
+# kernel's half width): its work goes as the product over the axes of (brick + 1 + spread). At
+# sizes in [0.5, 3] (spread 2.5) it took 2.4 ms at rf2 against ~10.5 for the fixed-point scatter
+# of deterministic mode (bf16, H200, session 12); by that model it stays ahead up to a spread of
+# about 8 (modelled, not measured)
 AUTO_MAX_SPREAD = 8.0
 
 
