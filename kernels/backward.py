@@ -217,10 +217,11 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
     args, x_cl, w_r = kernel_args(geo, input, coords, weight, mask, mode, backward=True)
     dev, dtype = input.device, input.dtype
     # the pulled input gradient has no atomics: deterministic without fixed point
-    bounds = (input_grad.choose(mode, deterministic(dev), args["coord_ptr"], geo)
+    reproducible = deterministic(dev)
+    bounds = (input_grad.choose(mode, reproducible, args["coord_ptr"], geo)
               if need_input else None)
     pull = bounds is not None
-    fixed_point = need_input and not pull and deterministic(dev)
+    fixed_point = need_input and not pull and reproducible
     go = grad_out.permute(0, 2, 3, 4, 1).contiguous()
     N, C, T, H, W = input.shape
     groups, K, Cg, Cog = w_r.shape

@@ -212,6 +212,10 @@ def size_bounds(coords, offset_groups, size_channels):
     return torch.stack([sizes.amin(1), sizes.amax(1)], dim=1).contiguous()
 
 
+# the brick kernel's parameter names, read once (jit or interpreted)
+_PARAMS = tuple(inspect.signature(d2conv_input_grad_kernel.fn).parameters)
+
+
 def launch(args, col, gx, bounds, k_first, kc):
     """Add the input gradient of kernel points k_first .. k_first+kc-1 into gx.
 
@@ -219,8 +223,7 @@ def launch(args, col, gx, bounds, k_first, kc):
     gradient; gx fp32 channels-last (N, T, H, W, C); bounds from size_bounds."""
     # the kernel's parameters that the data kernel shares (the others are set here, or are
     # the config's)
-    params = inspect.signature(d2conv_input_grad_kernel.fn).parameters   # jit or interpreted
-    pull_args = {name: args[name] for name in params if name in args}
+    pull_args = {name: args[name] for name in _PARAMS if name in args}
     pull_args.update(col_ptr=col, gx_ptr=gx, bounds_ptr=bounds, K_FIRST=k_first, KC=kc,
                      COL_M=kc * args["Cg"], COL_G=args["M"] * kc * args["Cg"])
     N = args["M"] // (args["To"] * args["Ho"] * args["Wo"])
