@@ -215,7 +215,7 @@ def test_input_gradient_choice(monkeypatch):
     geo = check_args(x, size, w, None, 1, 1, 1, m, 1, "xyz")     # 3x3x3: reach 1 voxel
     narrow = torch.rand_like(size) * 2.5 + 0.5                      # spread 2.5
     wide = narrow.clone()
-    wide.view(-1)[0] = 0.5 + input_grad.AUTO_MAX_SPREAD + 0.1       # one wide size
+    wide.view(-1)[:2] = torch.tensor([0.5, 0.5 + input_grad.AUTO_MAX_SPREAD + 0.1])  # z: 8.1
     monkeypatch.delenv("D2CONV_INPUT_GRAD", raising=False)
     bounds = input_grad.choose("xyz", True, narrow, geo)
     assert torch.equal(bounds, torch.stack([narrow.amin((0, 2, 3, 4)),
