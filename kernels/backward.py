@@ -159,7 +159,7 @@ def d2conv_bwd_data_kernel(
 # every timed run of the autotuner starts from the same buffers: the input gradient and the
 # summed sizes accumulate, and col is overwritten in place
 d2conv_bwd_data_tuned = triton.autotune(
-    configs.all_candidates("BWD_DATA"), key=configs.KEY,
+    configs.all_candidates("BWD_DATA"), key=configs.DATA_KEY,
     restore_value=["col_ptr", "gx_ptr", "gcoord_ptr"],
     prune_configs_by={"early_config_prune": configs.pruner("BWD_DATA")})(d2conv_bwd_data_kernel)
 

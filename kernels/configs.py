@@ -24,6 +24,10 @@ _LAUNCH = ("num_warps", "num_stages", "maxnreg")
 
 KEY = ["C", "Cog", "Cg", "SEG", "G", "KD", "KH", "KW", "SD", "SH", "SW", "DD", "DH", "DW",
        "IS_OFFSET", "SZ_CH", "SY_CH", "SX_CH", "HAS_MASK", "DOT_PRECISION", "M_BUCKET"]
+# the data kernel's best config depends on the gradients asked for (rf2 bf16, H200: the sampled
+# columns alone run fastest in 64-voxel tiles, 1.57 ms against 1.85; the whole backward in
+# 32-voxel tiles, 3.05 against 3.76): each set is tuned apart
+DATA_KEY = KEY + ["NEED_INPUT", "NEED_COORD", "NEED_MASK", "NEED_COLUMN", "FIXED_POINT"]
 
 
 def pruner(kernel):
@@ -58,18 +62,21 @@ FWD = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64),
        "ieee": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=128, BLOCK_C=16),
                 _cfg(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_C=16)]}
 # the data kernel has no product of its own (its column gradient comes from a GEMM before it):
-# its classes differ by the bytes of the gathered input only. Its first 16-bit tile, capped at
-# 168 registers (3 programs per SM instead of 2, 112 B of spills), ran 6% faster at rf2 and 9% at
-# early on an H200 (bench/NOTES.md, session 11); capped at 128 it gains nothing, and caps slow
-# the fp32 tiles
-BWD_DATA = {"16-bit": [_cfg(4, 1, maxnreg=168, BLOCK_M=64, BLOCK_C=16),
+# its classes differ by the bytes of the gathered input only. It lives on the loads in flight
+# per SM: capped at 168 registers, 4-warp programs run 3 to an SM instead of 2. In 64-voxel
+# tiles (112 B of spills) that ran 6% faster at rf2 and 9% at early on an H200 (bench/NOTES.md,
+# session 11); in 32-voxel tiles (no spills) the whole backward at rf2 took 3.05 ms against
+# 3.76 (session 13). Capped at 128 the 64-voxel tile gains nothing; caps slowed the 64-voxel
+# fp32 tiles
+BWD_DATA = {"16-bit": [_cfg(4, 1, maxnreg=168, BLOCK_M=32, BLOCK_C=16),
+                       _cfg(4, 1, maxnreg=168, BLOCK_M=64, BLOCK_C=16),
                        _cfg(4, 1, BLOCK_M=64, BLOCK_C=16),
                        _cfg(4, 1, BLOCK_M=32, BLOCK_C=64),
                        _cfg(8, 1, BLOCK_M=64, BLOCK_C=32),
                        _cfg(8, 1, BLOCK_M=64, BLOCK_C=64)]}
 BWD_DATA["tf32"] = BWD_DATA["tf32x3"] = BWD_DATA["ieee"] = [
-    _cfg(8, 1, BLOCK_M=64, BLOCK_C=32), _cfg(4, 1, BLOCK_M=64, BLOCK_C=16),
-    _cfg(4, 1, BLOCK_M=32, BLOCK_C=32)]
+    _cfg(8, 1, BLOCK_M=64, BLOCK_C=32), _cfg(4, 1, maxnreg=168, BLOCK_M=32, BLOCK_C=16),
+    _cfg(4, 1, BLOCK_M=64, BLOCK_C=16), _cfg(4, 1, BLOCK_M=32, BLOCK_C=32)]
 # the pulled input gradient (kernels/input_grad.py; deterministic mode's): bricks of BZ x BY x BX
 # input voxels, BLOCK_P candidate outputs a step; the fp32 accumulator is BZ*BY*BX*BLOCK_C /
 # (32 * num_warps) registers a thread. On an H200 (bf16, session 12) the first ran rf2 in 2.39 ms

@@ -177,6 +177,14 @@ def test_a_register_cap_is_a_candidate_of_its_own(monkeypatch):
     assert configs.pinned("BWD_DATA", args).maxnreg == 168
 
 
+def test_data_kernel_tunes_each_set_of_gradients_apart():
+    """The data kernel's autotuner keys on which gradients a launch computes: a config tuned for
+    the sampled columns alone would otherwise be reused for the whole backward (they differ)."""
+    from kernels import backward
+    flags = {"NEED_INPUT", "NEED_COORD", "NEED_MASK", "NEED_COLUMN", "FIXED_POINT"}
+    assert flags <= set(backward.d2conv_bwd_data_tuned.keys)
+
+
 @pytest.mark.parametrize("dtype, precision, expected", [
     (torch.bfloat16, "ieee", "16-bit"), (torch.float32, "tf32", "tf32"),
     (torch.float32, "tf32x3", "tf32x3"), (torch.float32, "ieee", "ieee")])
