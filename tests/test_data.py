@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from d2conv.data import (ClipDataset, Sequence, WeightedMix, build_clips, davis_sequences,
+from d2conv.data import (ClipDataset, WeightedMix, build_clips, davis_sequences,
                          load_frame, load_mask, sample_frames, youtube_vos_sequences)
 from d2conv.data import synthetic
 

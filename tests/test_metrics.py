@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from d2conv import metrics
-from d2conv.metrics import (GLOBAL_COLUMNS, SEQUENCE_COLUMNS, davis_scores, decay_indices,
+from d2conv.metrics import (GLOBAL_COLUMNS, davis_scores, decay_indices,
                             dilate_disk, f_measure, foreground_iou, j_measure, mae,
                             max_f_measure, seg2bmap, statistics, write_csvs)
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from d2conv.backbones import ir_csn_50
 from d2conv.weights import convert, load_backbone_weights, load_caffe2_pickle
