@@ -2,7 +2,8 @@
 
 Autotune keys are the channel counts, kernel size, stride, dilation, mode, groups and a
 power-of-two bucket of the number of output voxels (``M_BUCKET``), never the exact T x H x W,
-so a new video size reuses the tuned config of its bucket. Triton adds the tensors' dtypes.
+so a new video size reuses the tuned config of its bucket. Triton adds the tensors' dtypes. The
+data kernel's key (``DATA_KEY``) also holds which gradients a launch computes.
 
 Environment:
   D2CONV_AUTOTUNE=0          use each kernel's default config (no tuning); always the case under
