@@ -221,7 +221,8 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
     bounds = (input_grad.choose(mode, reproducible, args["coord_ptr"], geo)
               if need_input else None)
     pull = bounds is not None
-    fixed_point = need_input and not pull and reproducible
+    scatter = need_input and not pull       # by the data kernel's atomics
+    fixed_point = scatter and reproducible
     go = grad_out.permute(0, 2, 3, 4, 1).contiguous()
     N, C, T, H, W = input.shape
     groups, K, Cg, Cog = w_r.shape
@@ -248,9 +249,9 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
         data_args = dict(args, gx_ptr=gx if need_input else unused, gx_scale_ptr=gx_scale,
                          gcoord_ptr=gcoord if need_coords else unused,
                          gmask_ptr=gmask if need_mask else unused,
-                         NEED_INPUT=need_input and not pull, NEED_COORD=need_coords,
-                         NEED_MASK=need_mask, NEED_COLUMN=need_weight, FIXED_POINT=fixed_point)
-        run_data_kernel = need_coords or need_mask or need_weight or (need_input and not pull)
+                         NEED_INPUT=scatter, NEED_COORD=need_coords, NEED_MASK=need_mask,
+                         NEED_COLUMN=need_weight, FIXED_POINT=fixed_point)
+        run_data_kernel = scatter or need_coords or need_mask or need_weight
 
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]), geo.offset_groups)
