@@ -3,7 +3,8 @@
 Autotune keys are the channel counts, kernel size, stride, dilation, mode, groups and a
 power-of-two bucket of the number of output voxels (``M_BUCKET``), never the exact T x H x W,
 so a new video size reuses the tuned config of its bucket. Triton adds the tensors' dtypes. The
-data kernel's key (``DATA_KEY``) also holds which gradients a launch computes.
+data kernel's key (``DATA_KEY``) also holds which gradients a launch computes; the pull's
+(``INPUT_GRAD_KEY``) drops what its kernel does not take.
 
 Environment:
   D2CONV_AUTOTUNE=0          use each kernel's default config (no tuning); always the case under
@@ -29,6 +30,8 @@ KEY = ["C", "Cog", "Cg", "SEG", "G", "KD", "KH", "KW", "SD", "SH", "SW", "DD", "
 # columns alone run fastest in 64-voxel tiles, 1.57 ms against 1.85; the whole backward in
 # 32-voxel tiles, 3.05 against 3.76): each set is tuned apart
 DATA_KEY = KEY + ["NEED_INPUT", "NEED_COORD", "NEED_MASK", "NEED_COLUMN", "FIXED_POINT"]
+# the pulled input gradient has no output-channel axis and serves D²Conv modes only
+INPUT_GRAD_KEY = [name for name in KEY if name not in ("Cog", "IS_OFFSET")]
 
 
 def pruner(kernel):

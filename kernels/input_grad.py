@@ -164,8 +164,7 @@ def d2conv_input_grad_kernel(
 
 # the input gradient accumulates: every timed run of the autotuner starts from the same buffer
 d2conv_input_grad_tuned = triton.autotune(
-    configs.all_candidates("BWD_INPUT"), key=[name for name in configs.KEY if name not in
-                                             ("Cog", "IS_OFFSET")],
+    configs.all_candidates("BWD_INPUT"), key=configs.INPUT_GRAD_KEY,
     restore_value=["gx_ptr"],
     prune_configs_by={"early_config_prune": configs.pruner("BWD_INPUT")})(
     d2conv_input_grad_kernel)
