@@ -70,8 +70,10 @@ FWD = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64),
 # per SM: capped at 168 registers, 4-warp programs run 3 to an SM instead of 2. In 64-voxel
 # tiles (112 B of spills) that ran 6% faster at rf2 and 9% at early on an H200 (bench/NOTES.md,
 # session 11); in 32-voxel tiles (no spills) the whole backward at rf2 took 3.05 ms against
-# 3.76 (session 13). Capped at 128 the 64-voxel tile gains nothing; caps slowed the 64-voxel
-# fp32 tiles
+# 3.76 (session 13). Capped at 128 the 64-voxel tile gains nothing; caps slow the fp32 tiles: the
+# capped 32x16 tile made the whole fp32 backward 1 ms slower (rf2: TF32 6.74 against 5.75 ms,
+# strict 13.26 against 12.31, session 14), though the autotuner, timing the kernel alone, took it
+# in strict fp32
 BWD_DATA = {"16-bit": [_cfg(4, 1, maxnreg=168, BLOCK_M=32, BLOCK_C=16),
                        _cfg(4, 1, maxnreg=168, BLOCK_M=64, BLOCK_C=16),
                        _cfg(4, 1, BLOCK_M=64, BLOCK_C=16),
@@ -79,8 +81,8 @@ BWD_DATA = {"16-bit": [_cfg(4, 1, maxnreg=168, BLOCK_M=32, BLOCK_C=16),
                        _cfg(8, 1, BLOCK_M=64, BLOCK_C=32),
                        _cfg(8, 1, BLOCK_M=64, BLOCK_C=64)]}
 BWD_DATA["tf32"] = BWD_DATA["tf32x3"] = BWD_DATA["ieee"] = [
-    _cfg(8, 1, BLOCK_M=64, BLOCK_C=32), _cfg(4, 1, maxnreg=168, BLOCK_M=32, BLOCK_C=16),
-    _cfg(4, 1, BLOCK_M=64, BLOCK_C=16), _cfg(4, 1, BLOCK_M=32, BLOCK_C=32)]
+    _cfg(8, 1, BLOCK_M=64, BLOCK_C=32), _cfg(4, 1, BLOCK_M=32, BLOCK_C=32),
+    _cfg(4, 1, BLOCK_M=64, BLOCK_C=16)]
 # the pulled input gradient (kernels/input_grad.py; deterministic mode's): bricks of BZ x BY x BX
 # input voxels, BLOCK_P candidate outputs a step; the fp32 accumulator is BZ*BY*BX*BLOCK_C /
 # (32 * num_warps) registers a thread. On an H200 (bf16, session 12) the first ran rf2 in 2.39 ms
