@@ -14,7 +14,7 @@ import triton
 
 import kernels
 from kernels import backward, checks, forward
-from test_kernels import SHAPES     # bench/ is this script's directory
+from test_kernels import SHAPES, make     # bench/ is this script's directory
 
 
 def bench(fn):
@@ -26,12 +26,9 @@ def main(shape, dtype, data_configs):
     dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     N, C, Co, T, H, W = SHAPES[shape]
     torch.manual_seed(0)
-    cl = torch.channels_last_3d
-    x = torch.randn(N, C, T, H, W, device="cuda", dtype=dt).to(memory_format=cl)
-    w = (torch.randn(Co, C, 3, 3, 3, device="cuda") / (27 * C) ** 0.5).to(dt)
-    size = (torch.rand(N, 3, T, H, W, device="cuda") * 2.5 + 0.5).to(dt)
-    mask = torch.rand(N, 27, T, H, W, device="cuda", dtype=dt)
-    go = torch.randn(N, Co, T, H, W, device="cuda", dtype=dt).to(memory_format=cl)
+    _, (x, size, w, _, mask) = make(SHAPES[shape], dt, "d2conv3d")     # the bench's inputs
+    go = torch.randn(N, Co, T, H, W, device="cuda", dtype=dt).to(
+        memory_format=torch.channels_last_3d)
     rows = []
     for config in data_configs:
         if config:
