@@ -187,10 +187,11 @@ def choose(mode, deterministic, coords, geo):
     """Whether to pull the input gradient: its size bounds (size_bounds), or None to scatter.
 
     D2CONV_INPUT_GRAD=pull or scatter decides; unset (or auto) the pull is taken in deterministic
-    mode, whose scatter needs int64 fixed point (2.9x slower whole backward at rf2), unless the
-    sizes spread wider than AUTO_MAX_SPREAD (read with one host sync; not while a CUDA graph is
-    being captured, where the pull is taken: right for any spread, only slower). Free offsets
-    have no window: always the scatter."""
+    mode, whose scatter needs int64 fixed point (whole backward at rf2 2.9x slower in session 12,
+    1.7x with session 13's data-kernel tiles pinned: bench/NOTES.md), unless the sizes spread
+    wider than AUTO_MAX_SPREAD (read with one host sync; not while a CUDA graph is being
+    captured, where the pull is taken: right for any spread, only slower). Free offsets have no
+    window: always the scatter."""
     choice = os.environ.get("D2CONV_INPUT_GRAD", "auto")
     if choice not in ("auto", "scatter", "pull"):
         raise ValueError(f"D2CONV_INPUT_GRAD must be 'auto', 'scatter' or 'pull', got {choice!r}")
