@@ -13,7 +13,7 @@ SIZE_ACTIVATIONS = {
     "elu": lambda raw: F.elu(raw) + 1,                   # the paper's default
     "relu": lambda raw: F.relu(raw + 1),
     "relu_eps": lambda raw: F.relu(raw + 1e-3) + 1,
-    "linear": lambda raw: raw + 1,
+    "linear": lambda raw: raw,                           # the original's: s = 0 at init
 }
 
 
@@ -80,10 +80,13 @@ class D2Conv3d(_SampledConv3d):
     """Dynamic dilated 3D convolution (SPEC §1.2).
 
     x: (N, Cin, T, H, W) -> (N, Cout, To, Ho, Wo). The predictor outputs G*c size channels
-    (c = 1, 2, 2, 3 for mode x, xy, xxz, xyz) turned into scales s > 0 by ``size_activation``, and,
-    with ``modulation``, G*K mask logits (sigmoid). It starts at zero: s = 1 (the plain
-    convolution's grid) and mask = 0.5, so with modulation on a converted conv starts as half the
-    original one (plus bias); with modulation off it computes exactly the original function.
+    (c = 1, 2, 2, 3 for mode x, xy, xxz, xyz) turned into scales by ``size_activation`` ("elu":
+    elu(raw) + 1, the paper's; "relu": relu(raw + 1); "relu_eps": relu(raw + 1e-3) + 1; "linear":
+    raw, as the original code's), and, with ``modulation``, G*K mask logits (sigmoid). The
+    predictor starts at zero: s = 1 (the plain convolution's grid; s = 0 under "linear", every
+    kernel point at the centre) and mask = 0.5, so with modulation on a converted conv starts as
+    half the original one (plus bias); with modulation off it computes exactly the original
+    function.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,

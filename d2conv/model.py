@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import ir_csn_152, ir_csn_50, ir_csn_tiny
+from .backbones import ir_csn_152, ir_csn_50, ir_csn_small, ir_csn_tiny
 from .layers import VARIANTS, convert_convs
 
 MEAN = (0.43216, 0.394666, 0.37645)
 STD = (0.22803, 0.22145, 0.216989)
-BACKBONES = {"ir_csn_152": ir_csn_152, "ir_csn_50": ir_csn_50, "ir_csn_tiny": ir_csn_tiny}
+BACKBONES = {"ir_csn_152": ir_csn_152, "ir_csn_50": ir_csn_50, "ir_csn_small": ir_csn_small,
+             "ir_csn_tiny": ir_csn_tiny}
 DECODER_CONVS = ("dense", "aspp", *VARIANTS)
 
 
@@ -24,17 +25,20 @@ def conv3(in_channels, out_channels, dilation=1, bias=True):
 
 
 class Unit(nn.Sequential):
-    """Conv3d 3x3x3 -> ReLU -> GroupNorm(1, C): the refine block's unit (norm after the ReLU)."""
+    """conv -> ReLU -> GroupNorm(1, C): the refine block's unit (norm after the ReLU). ``conv``
+    is a 3x3x3 Conv3d unless given (the dilated baseline puts an ASPP3d there)."""
 
-    def __init__(self, in_channels, out_channels):
-        super().__init__(conv3(in_channels, out_channels), nn.ReLU(inplace=True),
-                         nn.GroupNorm(1, out_channels))
+    def __init__(self, in_channels, out_channels, conv=None):
+        # in place after a plain conv; not after an ASPP, whose last ReLU autograd keeps
+        super().__init__(conv if conv is not None else conv3(in_channels, out_channels),
+                         nn.ReLU(inplace=conv is None), nn.GroupNorm(1, out_channels))
 
 
 class ASPP3d(nn.Module):
     """Atrous spatial pyramid pooling in 3D: a 1x1x1 branch and three dilated 3x3x3 branches,
     each conv -> BN -> ReLU to ``out_channels``, concatenated and fused by 1x1x1 conv -> BN ->
-    ReLU. ``rates`` are the spatial dilations (t dilation 1)."""
+    ReLU. ``rates`` are the spatial dilations (t dilation 1). Its BatchNorms train (they become
+    SyncBatchNorm under DDP on GPUs, as in the original)."""
 
     def __init__(self, in_channels, out_channels, rates):
         super().__init__()
@@ -74,9 +78,10 @@ class Refine3d(nn.Module):
 
     def __init__(self, in_channels, channels, aspp_rates=None):
         super().__init__()
-        # the dilated baseline: the first unit becomes an ASPP (which ends in BN -> ReLU itself)
-        self.FS1 = (ASPP3d(in_channels, channels, aspp_rates) if aspp_rates
-                    else Unit(in_channels, channels))
+        # the dilated baseline: the first unit's conv becomes an ASPP, so the unit's ReLU and
+        # GroupNorm follow it (as in the original code)
+        self.FS1 = Unit(in_channels, channels,
+                        ASPP3d(in_channels, channels, aspp_rates) if aspp_rates else None)
         self.FS2, self.FS3 = Unit(channels, channels), Unit(channels, channels)
         self.MM1, self.MM2 = Unit(channels, channels), Unit(channels, channels)
 
@@ -91,8 +96,8 @@ class Decoder(nn.Module):
     """GC3d on e4, then refine blocks rf3 (e3), rf2 (e2), rf1 (e1) and a 3x3x3 head.
 
     features: e1..e4 with ``channels`` (c1..c4) -> logits (B, 1, T1, H1, W1) at e1's size.
-    ``aspp``: the first conv of every refine block whose input has more channels than ``mdim``
-    becomes an ASPP (rates (3, 6, 9) above 2*mdim input channels, else (6, 12, 18)).
+    ``aspp``: the conv of the first unit of every refine block whose input has more channels than
+    ``mdim`` becomes an ASPP (rates (3, 6, 9) above 2*mdim input channels, else (6, 12, 18)).
     ``norm``: GroupNorm(1, mdim) after the GC and before the head's ReLU. The paper's decoder has
     neither; a decoder trained from scratch needs them: the GC output enters every refine block
     through the residual sums unnormalised, its biases drift under Adam, and the head's ReLU goes
@@ -175,11 +180,21 @@ class EncoderDecoder(nn.Module):
         return F.interpolate(logits, size=(T, H, W), mode="trilinear", align_corners=False)
 
 
-def pad_to_multiple(clip, multiple=32):
-    """Zero-pad H and W (at the bottom and right) to multiples of ``multiple``.
+def padding(height, width, multiple=32):
+    """(top, bottom, left, right) zero padding bringing (height, width) to multiples of
+    ``multiple``, split evenly between the two sides, an odd pixel at the bottom / right (as the
+    original pads 480x854 to 480x864: 5 px left and right). Training and inference share it."""
+    pad_h, pad_w = -height % multiple, -width % multiple
+    return pad_h // 2, pad_h - pad_h // 2, pad_w // 2, pad_w - pad_w // 2
 
-    clip: (..., H, W) -> (padded clip, (H, W)) with the original size for cropping back.
+
+def pad_to_multiple(clip, multiple=32):
+    """Zero-pad H and W to multiples of ``multiple`` (see ``padding``).
+
+    clip: (..., H, W) -> (padded clip, (rows, cols)): the slices of the padded clip that hold the
+    original, e.g. ``padded[..., rows, cols]``.
     """
     H, W = clip.shape[-2:]
-    pad_h, pad_w = -H % multiple, -W % multiple
-    return F.pad(clip, (0, pad_w, 0, pad_h)), (H, W)
+    top, bottom, left, right = padding(H, W, multiple)
+    return (F.pad(clip, (left, right, top, bottom)),
+            (slice(top, top + H), slice(left, left + W)))

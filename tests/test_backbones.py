@@ -75,7 +75,7 @@ def test_tiny_checkpointing_same_gradients(monkeypatch):
     torch.manual_seed(0)
     model = ir_csn_tiny().train()
     assert model.channels == (32, 64, 128, 256)
-    x = torch.randn(2, 3, 8, 32, 32)   # batch 2: the tiny net's BN trains
+    x = torch.randn(2, 3, 8, 32, 32)
 
     def grads(checkpoint):
         model.checkpoint = checkpoint

@@ -17,7 +17,7 @@ def conv(cin=6, cout=8, kernel=(3, 3, 3), **kw):
 @pytest.mark.parametrize("variant, options", [
     (D2Conv3d, dict(mode="xyz", modulation=False)),
     (D2Conv3d, dict(mode="x", modulation=False, size_activation="relu")),
-    (D2Conv3d, dict(mode="xxz", modulation=False, size_activation="linear")),
+    (D2Conv3d, dict(mode="xxz", modulation=False, size_activation="elu")),
     (DeformConv3d, dict(modulation=False)),
     (DeformConv3d, dict(modulation=False, restrict="spatial")),
 ])
@@ -26,6 +26,25 @@ def test_unmodulated_conversion_equals_the_conv_at_init(variant, options):
     layer = variant.from_conv(original, **options)
     x = torch.randn(2, 6, 3, 7, 8, device=DEVICE)
     assert rel_err(layer(x), original(x)) <= 1e-5
+
+
+def test_linear_size_activation_is_the_raw_prediction():
+    """As in the original code, "linear" is s = raw: 0 at initialisation, so every kernel point
+    samples the centre and the layer is a 1x1x1 convolution with the kernel's weights summed."""
+    original = conv(kernel=(3, 3, 3))
+    layer = D2Conv3d.from_conv(original, mode="xyz", modulation=False, size_activation="linear")
+    x = torch.randn(2, 6, 3, 7, 8, device=DEVICE)
+    size, _ = layer.sizes(x)
+    assert torch.all(size == 0)
+    with torch.no_grad():
+        layer.predictor.bias[:3] = torch.tensor([0.3, -1.5, 2.0])
+    assert torch.allclose(layer.sizes(x)[0][:, :, 0, 0, 0],
+                          torch.tensor([0.3, -1.5, 2.0], device=DEVICE).expand(2, 3))
+    with torch.no_grad():
+        layer.predictor.bias.zero_()
+    centre = torch.nn.functional.conv3d(x, original.weight.sum((2, 3, 4), keepdim=True),
+                                        original.bias)
+    assert rel_err(layer(x), centre) <= 1e-5
 
 
 def test_modulation_starts_at_half():

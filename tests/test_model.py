@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from d2conv.layers import D2Conv3d, DeformConv3d
-from d2conv.model import DECODER_CONVS, ASPP3d, EncoderDecoder, pad_to_multiple
+from d2conv.model import DECODER_CONVS, ASPP3d, EncoderDecoder, pad_to_multiple, padding
 from helpers import DEVICE
 
 pytestmark = pytest.mark.usefixtures("reference_on_cpu")
@@ -37,10 +37,18 @@ def test_every_decoder_variant_builds(decoder_conv):
 
 
 def test_aspp_replaces_the_first_conv_of_wide_refine_blocks():
+    """As in the original, the ASPP sits inside the refine block's first unit: the unit's ReLU
+    and GroupNorm(1, 256) follow it."""
     with torch.device("meta"):
         model = EncoderDecoder("ir_csn_152", "aspp")
-    rf3, rf2, rf1 = model.decoder.rf3.FS1, model.decoder.rf2.FS1, model.decoder.rf1.FS1
+    units = model.decoder.rf3.FS1, model.decoder.rf2.FS1, model.decoder.rf1.FS1
+    for unit in units:
+        assert [type(m) for m in list(unit)[1:]] == [torch.nn.ReLU, torch.nn.GroupNorm]
+        assert unit[2].num_groups == 1 and unit[2].num_channels == 256
+    rf3, rf2, rf1 = (unit[0] for unit in units)
     assert isinstance(rf3, ASPP3d) and isinstance(rf2, ASPP3d) and not isinstance(rf1, ASPP3d)
+    assert isinstance(rf1, torch.nn.Conv3d)
+    assert all(isinstance(b[1], torch.nn.BatchNorm3d) for b in rf3.branches)
     assert [b[0].dilation for b in rf3.branches[1:]] == [(1, 3, 3), (1, 6, 6), (1, 9, 9)]
     assert [b[0].dilation for b in rf2.branches[1:]] == [(1, 6, 6), (1, 12, 12), (1, 18, 18)]
     assert all(b[0].padding == b[0].dilation for b in rf2.branches[1:])
@@ -50,8 +58,13 @@ def test_unpadded_clip_is_refused_and_padding_helper():
     model = EncoderDecoder("ir_csn_tiny", "dense", mdim=8)
     with pytest.raises(ValueError, match="multiples of 32"):
         model(torch.rand(1, 3, 2, 40, 64))
-    padded, size = pad_to_multiple(torch.rand(1, 3, 2, 40, 70))
-    assert padded.shape[-2:] == (64, 96) and size == (40, 70)
+    clip = torch.rand(1, 3, 2, 40, 70)
+    padded, (rows, cols) = pad_to_multiple(clip)
+    assert padded.shape[-2:] == (64, 96) and torch.equal(padded[..., rows, cols], clip)
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (12, 52, 13, 83)
+    assert padded[..., :12, :].abs().sum() == 0 and padded[..., :, 83:].abs().sum() == 0
+    # 854 -> 864 as the original: 5 px on each side; an odd pixel goes to the bottom / right
+    assert padding(480, 854) == (0, 0, 5, 5) and padding(33, 61) == (15, 16, 1, 2)
 
 
 @pytest.mark.parametrize("decoder_conv", ["d2conv-xyz", "dcnv2", "aspp"])
@@ -94,7 +107,7 @@ def test_from_scratch_options_of_the_decoder():
 
 def test_build_model_from_an_older_checkpoint_config():
     """A checkpoint's config dict without the newer fields builds the model it was trained as."""
-    from d2conv.trainer import build_model
+    from d2conv.config import build_model
     model = build_model({"backbone": "ir_csn_tiny", "decoder_conv": "dense", "mdim": 8,
                          "data": "synthetic"})
     assert isinstance(model.decoder.gc_norm, torch.nn.Identity) and model.converted == 0
