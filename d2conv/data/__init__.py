@@ -1,48 +1,50 @@
-"""Data for training and evaluation: DAVIS / YouTube-VOS sequences, a procedural synthetic
-dataset in the DAVIS layout, and the clip datasets that feed the model.
+"""Data for training and evaluation: DAVIS (either layout) and YouTube-VOS sequences, a procedural
+synthetic set in the DAVIS layout, and the clip datasets that feed the model.
 
-    build_clips("synthetic", "train", size=None, augment=True)  ->  ClipDataset
-    sample["clip"] (3, T, H', W') float32, ["target"] (1, T, H', W'), ["valid"] (1, T, H', W') bool
+    root = dataset_root("synthetic")                      # or a DAVIS root
+    build_clips(root, "train")  ->  ClipDataset: sample["clip"] (3, T, H', W') float32,
+                                    ["target"] (1, T, H', W'), ["valid"] (1, T, H', W') bool
+    split_sequences(root, "val")  ->  the validation videos with their DAVIS-2016 ground truth
 """
 from pathlib import Path
 
+from ..errors import MissingInput
 from .clips import ClipDataset, WeightedMix, sample_frames
-from .davis import Sequence, davis_sequences, load_frame, load_mask
+from .davis import (Sequence, check_files, davis_sequences, load_frame, load_mask,
+                    read_image_set)
 from .youtube_vos import youtube_vos_sequences
 
-__all__ = ["Sequence", "davis_sequences", "load_frame", "load_mask", "youtube_vos_sequences",
-           "ClipDataset", "WeightedMix", "sample_frames", "generate_synthetic",
-           "ensure_synthetic", "SPLITS", "build_clips"]
+__all__ = ["Sequence", "davis_sequences", "load_frame", "load_mask", "check_files",
+           "read_image_set", "youtube_vos_sequences", "ClipDataset", "WeightedMix",
+           "sample_frames", "SPLITS", "dataset_root", "split_sequences", "build_clips"]
+
+# (year, image set, masks) of each split (SPEC §4): train on DAVIS-2017 train with the union of
+# the unsupervised instances, validate on DAVIS-2016 val against its own ground truth. The
+# DAVIS-2016 release has one list per split (ImageSets/480p), used whatever the year.
+SPLITS = {"train": (2017, "train", "training"), "val": (2016, "val", "davis2016")}
 
 
-def __getattr__(name):
-    # the synthetic module is imported on demand, so that `python -m d2conv.data.synthetic`
-    # does not find it already imported by this package
-    if name in ("generate_synthetic", "ensure_synthetic"):
-        from . import synthetic
-        return getattr(synthetic, name.removesuffix("_synthetic"))
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def dataset_root(data, synthetic=None) -> Path:
+    """The folder ``data`` names: "synthetic" is the procedural set with the parameters
+    ``synthetic`` (a dict for ``synthetic.ensure``; written on first use), anything else a DAVIS
+    root, which must exist."""
+    if str(data) == "synthetic":
+        from .synthetic import ensure          # imported here: `python -m` runs that module
+        return ensure(**(synthetic or {}))
+    root = Path(data)
+    if not root.is_dir():
+        raise MissingInput(f"no such dataset folder: {root} (give a DAVIS root, or 'synthetic')")
+    return root
 
 
-# (year, image-set name) of each split (SPEC §4): train on DAVIS-2017 train, validate on
-# DAVIS-2016 val. The synthetic dataset writes the same lists for both years.
-SPLITS = {"train": (2017, "train"), "val": (2016, "val")}
-
-
-def build_clips(data, split: str, clip_len=8, size=None, augment=False, seed=0) -> ClipDataset:
-    """Clips of ``split`` ("train" or "val") from ``data``: "synthetic" (generated on first use in
-    ``data/synthetic``) or the path of a DAVIS root. Raises FileNotFoundError naming what a DAVIS
-    root lacks."""
+def split_sequences(root, split: str):
+    """The sequences of ``split`` ("train" or "val") of a DAVIS root, with that split's masks."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    year, name = SPLITS[split]
-    if str(data) == "synthetic":
-        from .synthetic import ensure
-        root = ensure("data/synthetic")
-    else:
-        root = Path(data)
-        for need in (root, root / "JPEGImages" / "480p", root / "ImageSets" / str(year)):
-            if not need.is_dir():
-                raise FileNotFoundError(f"not a DAVIS root: no folder {need}")
-    sequences = davis_sequences(root, name, year=year)
-    return ClipDataset(sequences, clip_len=clip_len, size=size, augment=augment, seed=seed)
+    year, name, masks = SPLITS[split]
+    return davis_sequences(root, name, year=year, masks=masks)
+
+
+def build_clips(root, split: str, **options) -> ClipDataset:
+    """Clips of ``split`` of a DAVIS root; ``options`` go to ClipDataset."""
+    return ClipDataset(split_sequences(root, split), **options)

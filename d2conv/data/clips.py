@@ -1,8 +1,10 @@
-"""Training clips: T frames around each frame of each video, augmented, padded to multiples of 32.
+"""Training clips: T frames around each frame of each video, optionally augmented, padded to
+multiples of 32 (SPEC §4).
 
 A sample (one per (video, centre frame i)) is a dict:
 
-    clip    float32 (3, T, H', W')  RGB in [0, 1], zero-padded at the bottom / right
+    clip    float32 (3, T, H', W')  RGB in [0, 1], zero-padded evenly on both sides
+                                    (``d2conv.model.pad_to_multiple``: 854 -> 864 is 5 px a side)
     target  float32 (1, T, H', W')  salient mask in {0, 1}
     valid   bool    (1, T, H', W')  False on the padding and on frames without annotation
     name    str                     the video
@@ -20,18 +22,25 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..model import padding
 from .davis import Sequence, load_frame, load_mask
 
 __all__ = ["ClipDataset", "WeightedMix", "sample_frames"]
 
 
-def sample_frames(n: int, i: int, clip_len: int, half_window: int, rng) -> np.ndarray:
-    """``clip_len`` sorted indices drawn from [i - half_window, i + half_window) clipped to
-    [0, n): without replacement when that window holds >= clip_len frames, with otherwise."""
+def sample_frames(n: int, i: int, clip_len: int, half_window: int, rng,
+                  replace: bool = True) -> np.ndarray:
+    """``clip_len`` sorted frame indices drawn uniformly from the window
+    [i - half_window, i + half_window) ∩ [0, n).
+
+    replace=True is the original's ``random.choices``: at 8 from an 8-frame window a clip holds
+    about 5.3 distinct frames, and a new draw differs. replace=False draws without replacement
+    (with, where the window holds fewer than clip_len frames): from an 8-frame window that is
+    always the same 8 consecutive frames."""
     lo, hi = max(0, i - half_window), min(n, i + half_window)
     hi = max(hi, lo + 1)                                   # half_window 0: the centre frame
     window = np.arange(lo, hi)
-    return np.sort(rng.choice(window, clip_len, replace=len(window) < clip_len))
+    return np.sort(rng.choice(window, clip_len, replace=replace or len(window) < clip_len))
 
 
 def _resize(x, size, mode):
@@ -71,15 +80,18 @@ class ClipDataset(_EpochMixin, Dataset):
     """One sample per frame of every sequence (see the module docstring for the sample).
 
     size: (H, W) to resize to (bilinear images, nearest masks), or None to keep the frames' size.
+    replace: frames drawn with replacement (the paper's recipe) or without (``sample_frames``).
     augment: horizontal flip (``flip``, p = 0.5), scale jitter by a factor drawn from
     ``scale_jitter`` then a random crop (or zero padding, not valid) back to the size, colour
     jitter (``color_jitter``): the same for every frame of a clip.
     """
 
     def __init__(self, sequences: list[Sequence], clip_len=8, size=None, augment=False, flip=True,
-                 scale_jitter=(0.8, 1.2), color_jitter=False, half_window=4, seed=0, multiple=32):
+                 scale_jitter=(0.8, 1.2), color_jitter=False, half_window=4, replace=True, seed=0,
+                 multiple=32):
         self.sequences = list(sequences)
         self.clip_len, self.half_window, self.multiple = clip_len, half_window, multiple
+        self.replace = replace
         self.size = None if size is None else (int(size[0]), int(size[1]))
         self.augment, self.flip, self.color_jitter = augment, flip, color_jitter
         self.scale_jitter, self.seed = scale_jitter, seed
@@ -102,7 +114,8 @@ class ClipDataset(_EpochMixin, Dataset):
     def __getitem__(self, index):
         seq, i = self.locate(index)
         rng = self.rng(index)
-        ids = sample_frames(len(seq.frames), i, self.clip_len, self.half_window, rng)
+        ids = sample_frames(len(seq.frames), i, self.clip_len, self.half_window, rng,
+                            self.replace)
         images, masks, annotated = self._load(seq, ids)     # (T, 3, H, W), (T, 1, H, W), (T,)
         if self.size is not None:
             images = _resize(images, self.size, "bilinear")
@@ -111,8 +124,9 @@ class ClipDataset(_EpochMixin, Dataset):
         if self.augment:
             images, masks, area = self._augment(images, masks, area, rng)
         h, w = images.shape[-2:]
-        H, W = -(-h // self.multiple) * self.multiple, -(-w // self.multiple) * self.multiple
-        images, masks, area = (_fit(x, (H, W), (0, 0)) for x in (images, masks, area))
+        top, bottom, left, right = padding(h, w, self.multiple)
+        images, masks, area = (_fit(x, (top + h + bottom, left + w + right), (top, left))
+                               for x in (images, masks, area))
         valid = (area > 0.5) & annotated.view(-1, 1, 1, 1)
         return {"clip": images.permute(1, 0, 2, 3).contiguous(),
                 "target": masks.permute(1, 0, 2, 3).contiguous(),

@@ -9,13 +9,14 @@ motion decides what is salient); sometimes a static occluder in front of a salie
 and objects that leave the frame partly. The defaults (48 training videos of 20 frames at 64x96)
 let the tiny model train on two CPU cores in minutes. Written files:
 
-    ROOT/JPEGImages/480p/<seq>/00000.jpg                  RGB, height x width
-    ROOT/Annotations_unsupervised/480p/<seq>/00000.png    palette PNG, 0 background, 1..k objects
-    ROOT/ImageSets/{2016,2017}/{train,val}.txt            one sequence name a line
-    ROOT/synthetic.json                                   the parameters
+    ROOT/JPEGImages/480p/<seq>/00000.jpg          RGB, height x width
+    ROOT/Annotations/480p/<seq>/00000.png         palette PNG, 0 background, 1..k objects
+    ROOT/ImageSets/{2016,2017}/{train,val}.txt    one sequence name a line
+    ROOT/synthetic.json                           the parameters
 
-The same seed and parameters give byte-identical files (every video draws from its own
-``numpy.random.Generator`` seeded by (seed, split, index)).
+(a DAVIS-2017 root without ``Annotations_unsupervised``: training and the DAVIS-2016 protocol
+both read ``Annotations``). The same seed and parameters give byte-identical files (every video
+draws from its own ``numpy.random.Generator`` seeded by (seed, split, index)).
 
     python -m d2conv.data.synthetic --out data/synthetic --train 48 --val 8
 """
@@ -25,16 +26,19 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-__all__ = ["DEFAULTS", "FORMAT", "generate", "ensure", "main"]
+from ..errors import BadInput, InputError
+from ..progress import progress
+
+__all__ = ["DEFAULTS", "FORMAT", "generate", "ensure", "default_root", "main"]
 
 DEFAULTS = dict(n_train=48, n_val=8, frames=20, height=64, width=96, seed=0)
-FORMAT = 2                     # bump when the generator changes: ensure() then regenerates
+FORMAT = 3                     # bump when the generator changes: ensure() then regenerates
 _SPLITS = {"train": 0, "val": 1}
 
 
@@ -207,10 +211,12 @@ def _render(plan: dict, k: int, height: int, width: int, rng):
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), ids
 
 
-def _write_video(out: Path, name: str, rng, frames: int, height: int, width: int):
+def _write_video(out: Path, name: str, seed: int, split: str, index: int, frames: int,
+                 height: int, width: int):
+    rng = np.random.default_rng([seed, _SPLITS[split], index])
     plan = _plan_video(rng, frames, height, width)
     image_dir = out / "JPEGImages" / "480p" / name
-    mask_dir = out / "Annotations_unsupervised" / "480p" / name
+    mask_dir = out / "Annotations" / "480p" / name
     image_dir.mkdir(parents=True)
     mask_dir.mkdir(parents=True)
     for k in range(frames):
@@ -228,6 +234,27 @@ def _params(**params) -> dict:
     return {"format": FORMAT, **DEFAULTS, **params}
 
 
+def _write(tmp: Path, root: Path, n_train, n_val, frames, height, width, seed):
+    """Every video and the image-set lists into ``tmp``, one process a video."""
+    names = {s: [f"{s}_{i:03d}" for i in range(n)] for s, n in (("train", n_train),
+                                                                  ("val", n_val))}
+    jobs = [(split, i, name) for split, split_names in names.items()
+            for i, name in enumerate(split_names)]
+    workers = max(1, min(len(jobs), os.cpu_count() or 1, 16))
+    with progress(total=len(jobs), desc=f"synthetic {root}", unit="video") as bar, \
+            ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(_write_video, tmp, name, seed, split, i, frames, height, width)
+                   for split, i, name in jobs]
+        for future in futures:
+            future.result()
+            bar.update()
+    for year in ("2016", "2017"):
+        (tmp / "ImageSets" / year).mkdir(parents=True)
+        for split, split_names in names.items():
+            text = "".join(n + "\n" for n in split_names)
+            (tmp / "ImageSets" / year / f"{split}.txt").write_text(text)
+
+
 def generate(root, n_train=DEFAULTS["n_train"], n_val=DEFAULTS["n_val"],
              frames=DEFAULTS["frames"], height=DEFAULTS["height"], width=DEFAULTS["width"],
              seed=DEFAULTS["seed"]) -> Path:
@@ -235,25 +262,18 @@ def generate(root, n_train=DEFAULTS["n_train"], n_val=DEFAULTS["n_val"],
     ``root`` is replaced only if it holds a ``synthetic.json``). Returns ``root`` as a Path."""
     root = Path(root)
     if root.exists() and any(root.iterdir()) and not (root / "synthetic.json").exists():
-        raise FileExistsError(f"{root} exists and is not a synthetic dataset (no synthetic.json)")
+        raise BadInput(f"{root} exists and is not a synthetic dataset (no synthetic.json): move "
+                       f"it, or write the set elsewhere")
     params = _params(n_train=n_train, n_val=n_val, frames=frames, height=height, width=width,
                      seed=seed)
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    counts = {"train": n_train, "val": n_val}
-    names = {s: [f"{s}_{i:03d}" for i in range(n)] for s, n in counts.items()}
-    with tqdm(total=n_train + n_val, desc=f"synthetic {root}", unit="video") as bar:
-        for split, split_names in names.items():
-            for i, name in enumerate(split_names):
-                rng = np.random.default_rng([seed, _SPLITS[split], i])
-                _write_video(tmp, name, rng, frames, height, width)
-                bar.update()
-    for year in ("2016", "2017"):
-        (tmp / "ImageSets" / year).mkdir(parents=True)
-        for split, split_names in names.items():
-            text = "".join(n + "\n" for n in split_names)
-            (tmp / "ImageSets" / year / f"{split}.txt").write_text(text)
+    try:
+        _write(tmp, root, n_train, n_val, frames, height, width, seed)
+    except BaseException:                       # Ctrl-C or an error: leave nothing half-written
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / "synthetic.json").write_text(json.dumps(params, indent=1, sort_keys=True) + "\n")
     old = root.with_name(f"{root.name}.old-{os.getpid()}")
     if root.exists():
@@ -263,11 +283,32 @@ def generate(root, n_train=DEFAULTS["n_train"], n_val=DEFAULTS["n_val"],
     return root
 
 
-def ensure(root="data/synthetic", **params) -> Path:
-    """``root`` holding the dataset for ``params`` (keyword arguments of :func:`generate`),
-    generated on first use and regenerated when its ``synthetic.json`` differs. Safe to call from
-    several processes at once (DDP ranks): they take turns on the lock file ``<root>.lock``."""
-    root, wanted = Path(root), _params(**params)
+def default_root(**params) -> Path:
+    """Where ``--data synthetic`` keeps the set for ``params``: ``data/synthetic`` at the default
+    frame size, ``data/synthetic-<height>x<width>`` at another."""
+    p = _params(**params)
+    if (p["height"], p["width"]) == (DEFAULTS["height"], DEFAULTS["width"]):
+        return Path("data/synthetic")
+    return Path(f"data/synthetic-{p['height']}x{p['width']}")
+
+
+def describe(params: dict) -> str:
+    """'48 training and 8 validation videos of 20 frames at 64x96'."""
+    return (f"{params['n_train']} training and {params['n_val']} validation videos of "
+            f"{params['frames']} frames at {params['height']}x{params['width']}")
+
+
+def ensure(root=None, **params) -> Path:
+    """``root`` (default: :func:`default_root`) holding a synthetic set, generated with
+    ``params`` (keyword arguments of :func:`generate`) when it holds none.
+
+    A set already there is used as it is, also when it was written with other parameters (by
+    ``python -m d2conv.data.synthetic --out ROOT ...``): a line says what differs. A set written
+    by an older version of the generator is rewritten with its own parameters, and a line says
+    so. Safe to call from several processes at once (DDP ranks): they take turns on the lock
+    file ``<root>.lock``."""
+    wanted = _params(**params)
+    root = Path(root) if root is not None else default_root(**params)
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.with_name(root.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)                # released when the file is closed
@@ -275,13 +316,21 @@ def ensure(root="data/synthetic", **params) -> Path:
             found = json.loads((root / "synthetic.json").read_text())
         except (OSError, ValueError):
             found = None
-        if found == wanted:
+        if found is not None and found.get("format") == FORMAT:
+            if found != wanted:
+                print(f"synthetic data: using {root} as it was written ({describe(found)}, "
+                      f"seed {found['seed']}) rather than the {describe(wanted)} asked for; "
+                      f"delete the folder to regenerate it")
             return root
         if found is not None:
-            changed = sorted(k for k in wanted if found.get(k) != wanted[k])
-            print(f"synthetic data at {root}: parameters changed ({', '.join(changed)}), "
-                  "regenerating")
-        return generate(root, **{k: wanted[k] for k in DEFAULTS})
+            wanted = {**wanted, **{k: found[k] for k in DEFAULTS if k in found}}
+            print(f"synthetic data: {root} was written by an older generator; rewriting it with "
+                  f"its parameters ({describe(wanted)})")
+        start = time.perf_counter()
+        print(f"synthetic data: writing {describe(wanted)} to {root}", flush=True)
+        generate(root, **{k: wanted[k] for k in DEFAULTS})
+        print(f"synthetic data: done in {time.perf_counter() - start:.0f} s", flush=True)
+        return root
 
 
 def main(argv=None):
@@ -296,8 +345,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="random seed")
     a = p.parse_args(argv)
     start = time.perf_counter()
-    root = generate(a.out, n_train=a.train, n_val=a.val, frames=a.frames, height=a.height,
-                    width=a.width, seed=a.seed)
+    try:
+        root = generate(a.out, n_train=a.train, n_val=a.val, frames=a.frames, height=a.height,
+                        width=a.width, seed=a.seed)
+    except InputError as error:
+        p.exit(2, f"error: {error}\n")
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
     print(f"wrote {a.train + a.val} videos x {a.frames} frames ({a.height}x{a.width}) to {root} "
           f"in {time.perf_counter() - start:.1f} s, {size / 2**20:.1f} MiB")
