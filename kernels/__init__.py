@@ -13,8 +13,9 @@ import torch
 from . import naive, ops  # ops registers torch.ops.d2conv.* (Triton is imported on first use)
 from .checks import SIZE_CHANNELS, check_args
 from .naive import offsets_from_size
+from .settings import set_autotune
 
-__all__ = ["deform_conv3d", "d2conv3d", "offsets_from_size", "SIZE_CHANNELS"]
+__all__ = ["deform_conv3d", "d2conv3d", "offsets_from_size", "set_autotune", "SIZE_CHANNELS"]
 
 
 def _use_triton(input):

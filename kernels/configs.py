@@ -8,7 +8,8 @@ data kernel's key (``DATA_KEY``) also holds which gradients a launch computes; t
 
 Environment:
   D2CONV_AUTOTUNE=0          use each kernel's default config (no tuning); always the case under
-                             the Triton interpreter, where autotuning cannot run.
+                             the Triton interpreter, where autotuning cannot run. Code sets it
+                             with kernels.set_autotune (kernels/settings.py), which wins.
   D2CONV_CONFIG_<KERNEL>=... pin one config for one kernel (FWD, BWD_DATA, BWD_INPUT), e.g.
                              D2CONV_CONFIG_FWD="BLOCK_M=64,BLOCK_N=128,BLOCK_C=32,num_warps=4,num_stages=2"
                              (maxnreg=N caps the registers per thread)
@@ -19,6 +20,8 @@ import os
 
 import torch
 import triton
+
+from . import settings
 
 # the launch parameters of a config (the rest of its parameters are the kernel's meta-parameters);
 # maxnreg caps the registers per thread (more programs per SM, at the cost of spills)
@@ -178,7 +181,7 @@ def pinned(kernel, args):
         return _parse(text, kernel)
     if interpreting():
         return INTERPRETER[kernel]
-    if os.environ.get("D2CONV_AUTOTUNE", "1") == "0":
+    if not settings.autotune():
         return _fit(CANDIDATES[kernel][precision_class(args)][0], args)
     return None
 

@@ -177,6 +177,24 @@ def test_a_register_cap_is_a_candidate_of_its_own(monkeypatch):
     assert configs.pinned("BWD_DATA", args).maxnreg == 168
 
 
+def test_set_autotune_wins_over_the_environment(monkeypatch):
+    """kernels.set_autotune(False) launches the default config whatever D2CONV_AUTOTUNE says;
+    None hands the choice back to the variable."""
+    import kernels
+    args = {"x_ptr": torch.empty(1, dtype=torch.bfloat16), "DOT_PRECISION": "ieee", "Cog": 256,
+            "SEG": 256}
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("D2CONV_AUTOTUNE", "1")
+    monkeypatch.delenv("D2CONV_CONFIG_FWD", raising=False)
+    assert configs.pinned("FWD", args) is None                      # the autotuner decides
+    try:
+        kernels.set_autotune(False)
+        assert configs.pinned("FWD", args).kwargs == configs.CANDIDATES["FWD"]["16-bit"][0].kwargs
+    finally:
+        kernels.set_autotune(None)
+    assert configs.pinned("FWD", args) is None
+
+
 def test_data_kernel_tunes_each_set_of_gradients_apart():
     """The data kernel's autotuner keys on which gradients a launch computes: a config tuned for
     the sampled columns alone would otherwise be reused for the whole backward (they differ)."""
