@@ -1,13 +1,17 @@
 """Segment videos with a trained model and score them with the DAVIS-2016 protocol (SPEC §5).
 
-    python evaluate.py                                   # newest run's best.pt, synthetic val
+    python evaluate.py                                   # newest run's best.pt, on its data
     python evaluate.py --checkpoint runs/X/best.pt --data /data/DAVIS --out results/X
     python evaluate.py --davis-path /data/DAVIS --results-path results/X --set val --year 2016
 
 Model mode writes <out>/<sequence>/<frame>.png (indexed, 0/1) for every frame, then scores them;
-evaluation-only mode scores an existing results folder. Both write global_results-<set>.csv and
+evaluation-only mode scores an existing results folder. Both score against the DAVIS-2016 ground
+truth (Annotations/480p binarised, either DAVIS layout), write global_results-<set>.csv and
 per-sequence_results-<set>.csv into the results folder (refusing to overwrite them without
---force) and print the tables.
+--force) and print the tables. Model mode with the defaults (clips every 5 frames) follows the
+same protocol as train.py's validation, so both print the same J&F for one checkpoint.
+
+Exit status: 0 done, 2 bad input (one line names the path or option and what is wrong).
 """
 import argparse
 import sys
@@ -17,11 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from d2conv.data import davis_sequences, load_mask
-from d2conv.data.synthetic import ensure as ensure_synthetic
-from d2conv.evaluation import evaluate_results, format_tables, run_model
+import kernels
+from d2conv.config import build_model, load_checkpoint
+from d2conv.data import check_files, dataset_root, davis_sequences, load_mask
+from d2conv.errors import InputError, MissingInput, exit_status
+from d2conv.evaluation import evaluate_results, format_tables, run_model, summary
 from d2conv.metrics import mae, max_f_measure, write_csvs
-from d2conv.trainer import build_model
 
 
 def parse_args(argv=None):
@@ -61,63 +66,70 @@ def parse_args(argv=None):
 def newest_checkpoint(runs=Path("runs")):
     found = sorted(runs.glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        sys.exit(f"no checkpoint found under {runs}/*/best.pt: train first (python train.py) "
-                 f"or pass --checkpoint")
+        raise MissingInput(f"no checkpoint found under {runs}/*/best.pt: train first "
+                           f"(python train.py) or pass --checkpoint")
     return found[-1]
 
 
 def load_model(path, device):
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if "model" not in state or "config" not in state:
-        sys.exit(f"{path} is not a trainer checkpoint (no 'model' / 'config')")
+    """(model in eval mode on ``device``, the checkpoint's config dict, the checkpoint)."""
+    state = load_checkpoint(path)
     cfg = state["config"]
     model = build_model(cfg)
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), cfg, state
 
 
 def saliency_scores(davis_root, results, split, year):
     """MAE and max F-measure of the saved probabilities over every annotated frame."""
     probs, gts = [], []
-    for seq in davis_sequences(davis_root, split, year):
+    for seq in davis_sequences(davis_root, split, year, masks="davis2016"):
         for mask in (m for m in seq.masks if m is not None):
             path = Path(results) / "probabilities" / seq.name / f"{Path(mask).stem}.png"
             if not path.exists():
-                sys.exit(f"--saliency: missing {path} (run model mode with --save-probabilities)")
+                raise MissingInput(f"--saliency: missing {path} (run model mode with "
+                                   f"--save-probabilities)")
             with Image.open(path) as image:
                 probs.append(np.asarray(image, dtype=np.float32) / 255)
             gts.append(load_mask(mask))
     return {"MAE": mae(probs, gts), "max-F": max_f_measure(probs, gts)}
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run(args):
     if args.results_path or args.davis_path:                     # evaluation-only mode
         if not (args.results_path and args.davis_path):
-            sys.exit("evaluation-only mode needs both --davis-path and --results-path")
+            raise InputError("evaluation-only mode needs both --davis-path and --results-path")
         davis_root, results, checkpoint = Path(args.davis_path), Path(args.results_path), None
+        if not davis_root.is_dir():
+            raise MissingInput(f"--davis-path: no such folder {davis_root}")
     else:                                                        # model mode
         checkpoint = Path(args.checkpoint) if args.checkpoint else newest_checkpoint()
-        if not checkpoint.exists():
-            sys.exit(f"--checkpoint: no such file {checkpoint}")
         gap = 1 if args.dense else args.temporal_gap
         results = Path(args.out) if args.out else checkpoint.parent / f"results_{gap}"
     csvs = [results / f"global_results-{args.set}.csv",
             results / f"per-sequence_results-{args.set}.csv"]
     if any(p.exists() for p in csvs) and not args.force:
-        sys.exit(f"{csvs[0]} or its per-sequence twin exists: pass --force to recompute")
+        raise InputError(f"{csvs[0]} or its per-sequence twin exists: pass --force to recompute")
 
     if checkpoint is not None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, cfg = load_model(checkpoint, device)
-        data = args.data or cfg.get("data", "synthetic")
-        davis_root = ensure_synthetic() if data == "synthetic" else Path(data)
-        sequences = davis_sequences(davis_root, args.set, args.year)
-        amp = torch.bfloat16 if device.type == "cuda" else None
-        print(f"{checkpoint}: {cfg['decoder_conv']} on {len(sequences)} {args.set} videos "
-              f"(gap {gap}) -> {results}")
+        model, cfg, state = load_model(checkpoint, device)
+        if not cfg.get("autotune", True):     # as the run trained: default kernel configs
+            kernels.set_autotune(False)
+        davis_root = dataset_root(args.data or cfg.get("data", "synthetic"),
+                                  cfg.get("synthetic"))
+        sequences = davis_sequences(davis_root, args.set, args.year, masks="davis2016")
+        check_files(sequences)
+        amp = torch.bfloat16 if device.type == "cuda" and cfg.get("amp", True) else None
+        trained = state.get("scores")
+        if trained:
+            trained = (f", validated in training at step {trained['step']}: IoU "
+                       f"{trained['iou']:.3f}, J&F {trained['J&F']:.3f}")
+        print(f"{checkpoint}: {cfg['decoder_conv']}{trained or ''}; {len(sequences)} "
+              f"{args.set} videos of {davis_root}, clips every {gap} frames -> {results}")
         timing = run_model(model, sequences, results, gap=gap,
                            clips_per_batch=args.clips_per_batch, amp_dtype=amp,
+                           size=tuple(cfg.get("size") or ()) or None,
                            save_logits=args.save_logits,
                            save_probabilities=args.save_probabilities or args.saliency,
                            save_dilation=args.save_dilation)
@@ -125,15 +137,22 @@ def main(argv=None):
         print(f"{timing['frames']} frames: {timing['frames'] / timing['model_s']:.1f} fps "
               f"(model), {timing['frames'] / timing['total_s']:.1f} fps (end to end){peak}")
 
-    global_row, rows = evaluate_results(davis_root, results, args.set, args.year, args.task)
+    global_row, rows, per_sequence = evaluate_results(davis_root, results, args.set, args.year,
+                                                      args.task)
     write_csvs(results, args.set, global_row, rows)
     print(f"--------------- Global results for {args.set} ({args.task}) ---------------")
     print(format_tables(global_row, rows))
+    print(f"\nforeground IoU (J over every frame, as train.py's validation prints it): "
+          f"{summary(per_sequence)['iou']:.3f}")
     if args.saliency:
         scores = saliency_scores(davis_root, results, args.set, args.year)
         print(f"saliency: MAE {scores['MAE']:.4f}, max F-measure {scores['max-F']:.4f}")
-    print(f"\nresults: {csvs[0]}")
+    print(f"results: {csvs[0]}")
     return 0
+
+
+def main(argv=None):
+    return exit_status(run, parse_args(argv))
 
 
 if __name__ == "__main__":

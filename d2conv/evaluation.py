@@ -1,31 +1,39 @@
-"""DAVIS-style evaluation (SPEC §5): writing and reading result masks, scoring a results folder
-against the ground truth, and running a trained model over whole videos.
+"""DAVIS-style evaluation (SPEC §5): segmenting whole videos with a model, writing and reading
+result masks, and scoring them against the DAVIS-2016 ground truth.
+
+One path serves ``evaluate.py`` and the trainer's validation: :func:`segment_videos` runs the
+model over each video (clips every ``gap`` frames), :func:`score_sequence` scores one video's
+masks, :func:`summary` gives the numbers both print, so the two agree for the same checkpoint.
 
 Results layout, as the official DAVIS evaluation reads it: ``<results>/<sequence>/<frame>.png``,
 one indexed PNG per ground-truth frame, 0 background and 1 foreground.
 """
+import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from tqdm import tqdm
+from PIL import Image, ImageDraw, ImageFont
 
 from .data import davis_sequences, load_frame, load_mask
-from .inference import clip_starts, predict_video, segment
+from .errors import BadInput, MissingInput
+from .inference import clip_windows, predict_video, segment
 from .layers import D2Conv3d
-from .metrics import davis_scores, f_measure, j_measure
+from .metrics import davis_scores, sequence_measures
+from .model import pad_to_multiple
+from .progress import interactive, progress
 
 PALETTE = [0, 0, 0, 128, 0, 0] + [0] * (256 * 3 - 6)   # DAVIS colours: black, dark red
+DILATION_RANGE = (0.5, 3.0)                             # the colour map's ends (log scale)
 
 
 def write_mask(path, mask):
     """Save a bool (H, W) mask as an indexed PNG with values 0 / 1."""
     image = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
     image.putpalette(PALETTE)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
 
@@ -34,62 +42,153 @@ def read_prediction(path):
     0/255, RGB with black background all work)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"missing prediction {path}")
+        raise MissingInput(f"missing prediction {path}")
     try:
         with Image.open(path) as image:
             array = np.asarray(image)
     except Exception as error:
-        raise ValueError(f"cannot read prediction {path}: {error}") from error
+        raise BadInput(f"cannot read prediction {path}: {error}") from error
     return (array.max(axis=-1) if array.ndim == 3 else array) > 0
 
 
+def read_frames(seq, pool=None):
+    """A sequence's frames as uint8 (N, 3, H, W), decoded by ``pool``'s threads if given."""
+    arrays = list(pool.map(load_frame, seq.frames) if pool else map(load_frame, seq.frames))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise BadInput(f"sequence {seq.name!r}: frames of several sizes {sorted(shapes)}")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def segment_videos(model, sequences, clip_len=8, gap=5, clips_per_batch=4, amp_dtype=None,
+                   size=None, workers=4):
+    """For each sequence, (sequence, frames uint8 (N, 3, H, W), logits (N, H, W) on the model's
+    device, model seconds): the model over clips every ``gap`` frames at ``size`` (None: the
+    frames' own). The next sequence's JPEGs decode on ``workers`` threads while the model runs.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    with ThreadPoolExecutor(workers) as decode, ThreadPoolExecutor(1) as ahead:
+        upcoming = ahead.submit(read_frames, sequences[0], decode) if sequences else None
+        for k, seq in enumerate(sequences):
+            frames = upcoming.result()
+            if k + 1 < len(sequences):
+                upcoming = ahead.submit(read_frames, sequences[k + 1], decode)
+            tick = time.perf_counter()
+            logits = predict_video(model, frames, clip_len, gap, clips_per_batch, amp_dtype,
+                                   size)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            yield seq, frames, logits, time.perf_counter() - tick
+
+
+def scored_frames(seq, task="unsupervised"):
+    """Indices of the frames a task scores: every annotated one ("unsupervised"), without the
+    first and the last ("semi-supervised")."""
+    if task not in ("unsupervised", "semi-supervised"):
+        raise ValueError(f"task must be 'unsupervised' or 'semi-supervised', got {task!r}")
+    frames = [i for i, m in enumerate(seq.masks) if m is not None]
+    return frames[1:-1] if task == "semi-supervised" else frames
+
+
+def score_sequence(pred, seq, frames):
+    """{"J": (n,), "F": (n,)} of the masks ``pred`` (n, H, W) of ``seq``'s frames ``frames``
+    (n indices) against its ground truth."""
+    gt = np.stack([load_mask(seq.masks[i]) for i in frames])
+    pred = np.asarray(pred)
+    if pred.shape != gt.shape:
+        raise BadInput(f"sequence {seq.name!r}: masks are {pred.shape[2]}x{pred.shape[1]}, its "
+                       f"ground truth {gt.shape[2]}x{gt.shape[1]}")
+    return sequence_measures(pred, gt)
+
+
+def summary(per_sequence):
+    """{"iou", "J&F", "J", "F"} of ``{sequence: {"J", "F"}}``: the foreground IoU is J averaged
+    over every frame, the others are the DAVIS global means over sequences."""
+    global_row, _ = davis_scores(per_sequence)
+    frames = np.concatenate([np.asarray(m["J"], dtype=np.float64) for m in per_sequence.values()])
+    return {"iou": float(frames.mean()), "J&F": global_row["J&F-Mean"],
+            "J": global_row["J-Mean"], "F": global_row["F-Mean"]}
+
+
+@torch.no_grad()
+def validate(model, sequences, clip_len=8, gap=5, amp_dtype=None, size=None):
+    """``summary`` of the model's masks on ``sequences`` (with their DAVIS-2016 ground truth),
+    by the evaluation protocol; nothing is written."""
+    per_sequence = {}
+    for seq, _, logits, _ in segment_videos(model, sequences, clip_len, gap, amp_dtype=amp_dtype,
+                                            size=size):
+        frames = scored_frames(seq)
+        per_sequence[seq.name] = score_sequence(segment(logits[frames]).cpu().numpy(), seq,
+                                                frames)
+    return summary(per_sequence)
+
+
 def evaluate_results(davis_root, results, split="val", year=2016, task="unsupervised"):
-    """Score ``results`` (``<sequence>/<frame>.png``) against DAVIS ground truth.
+    """Score ``results`` (``<sequence>/<frame>.png``) against the DAVIS-2016 ground truth
+    (``Annotations/480p`` binarised, either DAVIS layout).
 
     task: "unsupervised" scores every annotated frame; "semi-supervised" drops the first and last.
-    Returns (global_row, per_sequence_rows) as ``metrics.davis_scores`` gives them.
+    Returns (global_row, per_sequence_rows, per_sequence measures) as ``metrics.davis_scores``
+    gives the first two.
     """
     if int(year) != 2016:
         raise ValueError(f"year {year}: only the DAVIS-2016 protocol (one salient object, masks "
                          f"binarised with > 0) is implemented")
-    if task not in ("unsupervised", "semi-supervised"):
-        raise ValueError(f"task must be 'unsupervised' or 'semi-supervised', got {task!r}")
     results = Path(results)
+    if not results.is_dir():
+        raise MissingInput(f"no results folder {results}")
     per_sequence = {}
-    for seq in tqdm(davis_sequences(davis_root, split, year), desc="score", leave=False):
-        frames = [i for i, m in enumerate(seq.masks) if m is not None]
-        if task == "semi-supervised":
-            frames = frames[1:-1]
+    sequences = davis_sequences(davis_root, split, year, masks="davis2016")
+    for seq in progress(sequences, desc="score", leave=False):
         if not (results / seq.name).is_dir():
-            raise FileNotFoundError(f"no results for sequence {seq.name!r} in {results}")
-        preds, gts = [], []
-        for i in frames:
-            gt = load_mask(seq.masks[i])
-            pred_path = results / seq.name / f"{Path(seq.masks[i]).stem}.png"
-            pred = read_prediction(pred_path)
-            if pred.shape != gt.shape:
-                raise ValueError(f"{pred_path} is {pred.shape[1]}x{pred.shape[0]}, its ground "
-                                 f"truth {seq.masks[i]} is {gt.shape[1]}x{gt.shape[0]}")
-            preds.append(pred)
-            gts.append(gt)
-        preds, gts = np.stack(preds), np.stack(gts)
-        per_sequence[seq.name] = {"J": j_measure(preds, gts), "F": f_measure(preds, gts)}
-    return davis_scores(per_sequence)
+            raise MissingInput(f"no results for sequence {seq.name!r}: no folder "
+                               f"{results / seq.name}")
+        frames = scored_frames(seq, task)
+        pred = [read_prediction(results / seq.name / f"{Path(seq.masks[i]).stem}.png")
+                for i in frames]
+        shapes = {m.shape for m in pred}
+        if len(shapes) > 1:
+            raise BadInput(f"{results / seq.name}: masks of several sizes {sorted(shapes)}")
+        per_sequence[seq.name] = score_sequence(np.stack(pred), seq, frames)
+    global_row, rows = davis_scores(per_sequence)
+    return global_row, rows, per_sequence
 
 
-def _colormap(values, low=0.5, high=3.0):
-    """Scalar map (H, W) -> uint8 RGB (H, W, 3): blue (narrow, s <= low) through green (s = 1
-    near the middle) to red (wide, s >= high)."""
+def colormap(values, low=DILATION_RANGE[0], high=DILATION_RANGE[1]):
+    """Scale map (H, W) -> uint8 RGB (H, W, 3) on a log scale: blue (narrowed, s <= low)
+    through green (s = 1, the plain grid) to red (widened, s >= high)."""
     t = np.clip((np.log(values) - np.log(low)) / (np.log(high) - np.log(low)), 0, 1)
     rgb = np.stack([np.clip(2 * t - 1, 0, 1), 1 - np.abs(2 * t - 1), np.clip(1 - 2 * t, 0, 1)], -1)
     return (rgb * 255).astype(np.uint8)
+
+
+def write_dilation_legend(path, ticks=(0.5, 0.75, 1, 1.5, 2, 3)):
+    """A colour bar of ``colormap`` with its scale values, as a PNG."""
+    low, high = DILATION_RANGE
+    width, bar, margin = 360, 24, 14
+    values = np.exp(np.linspace(math.log(low), math.log(high), width))
+    image = Image.new("RGB", (width + 2 * margin, bar + 44), "white")
+    image.paste(Image.fromarray(np.repeat(colormap(values)[None], bar, 0)), (margin, 4))
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    for v in ticks:
+        x = margin + round((math.log(v) - math.log(low)) / (math.log(high) - math.log(low))
+                           * (width - 1))
+        draw.line([(x, bar + 4), (x, bar + 9)], fill="black")
+        label = f"{v:g}"
+        draw.text((x - draw.textlength(label, font=font) / 2, bar + 11), label, fill="black",
+                  font=font)
+    draw.text((margin, bar + 27), "dilation scale s (mean over its axes; 1 = plain grid)",
+              fill="black", font=font)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
 
 
 @torch.no_grad()
 def dilation_maps(model, frames, clip_len=8, amp_dtype=None):
     """The mean size map of every D2Conv3d layer for every frame.
 
-    frames: (N, 3, H, W) in [0, 1], H and W multiples of 32. Returns {layer name: (N, H, W)
+    frames: (N, 3, H, W) float in [0, 1] on the model's device. Returns {layer name: (N, H, W)
     float32}: each layer's scales (mean over its size channels) upsampled to the frame, from the
     clips starting every ``clip_len`` frames (the last one ending at the last frame).
     """
@@ -104,14 +203,13 @@ def dilation_maps(model, frames, clip_len=8, amp_dtype=None):
     N, _, H, W = frames.shape
     maps = {name: torch.zeros(N, H, W) for name in layers}
     try:
-        for start in clip_starts(N, clip_len, clip_len):
-            index = torch.arange(start, start + clip_len).clamp(max=N - 1)
-            clip = frames[index].transpose(0, 1)[None].to(device)
+        for index in clip_windows(N, clip_len, clip_len):
+            clip, (rows, cols) = pad_to_multiple(frames[index].transpose(0, 1)[None].to(device))
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 model(clip)
             for name, size in captured.items():
-                up = F.interpolate(size, size=(clip_len, H, W), mode="trilinear")[0, 0].cpu()
-                maps[name][index] = up
+                up = torch.nn.functional.interpolate(size, size=clip.shape[2:], mode="trilinear")
+                maps[name][index] = up[0, 0, :, rows, cols].cpu()
     finally:
         for h in hooks:
             h.remove()
@@ -119,51 +217,67 @@ def dilation_maps(model, frames, clip_len=8, amp_dtype=None):
 
 
 def run_model(model, sequences, out, clip_len=8, gap=5, clips_per_batch=4, amp_dtype=None,
-              save_logits=False, save_probabilities=False, save_dilation=False):
+              size=None, save_logits=False, save_probabilities=False, save_dilation=False,
+              workers=4):
     """Segment every frame of every sequence into ``out/<sequence>/<frame>.png``.
 
     Optional: ``out/logits/<sequence>.npy`` (float16 (N, H, W)), ``out/probabilities/<sequence>/
-    <frame>.png`` (uint8 probability x 255), ``out/dilation/<layer>/<sequence>/<frame>.png``.
-    Returns timing: frames, model seconds (inference only), total seconds, peak GPU MiB.
+    <frame>.png`` (uint8 probability x 255), ``out/dilation/<layer>/<sequence>/<frame>.png`` with
+    the colour bar ``out/dilation/legend.png``. JPEG decoding and PNG writing run on ``workers``
+    threads each, beside the model. Returns timing: frames, model seconds (inference only),
+    total seconds, peak GPU MiB.
     """
     out = Path(out)
     device = next(model.parameters()).device
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    frames_done, model_s, start = 0, 0.0, time.time()
-    model.eval()
-    for seq in sequences:
-        frames = torch.from_numpy(np.stack([load_frame(p) for p in seq.frames]))
-        frames = frames.permute(0, 3, 1, 2).float() / 255                       # (N, 3, H, W)
-        tick = time.time()
-        logits = predict_video(model, frames, clip_len, gap, clips_per_batch, amp_dtype)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        model_s += time.time() - tick
-        masks = segment(logits).numpy()
-        names = [Path(p).stem for p in seq.frames]
-        for name, mask in tqdm(list(zip(names, masks)), desc=seq.name, leave=False):
-            write_mask(out / seq.name / f"{name}.png", mask)
-        if save_logits:
-            (out / "logits").mkdir(parents=True, exist_ok=True)
-            np.save(out / "logits" / f"{seq.name}.npy", logits.numpy().astype(np.float16))
-        if save_probabilities:
-            probs = (torch.sigmoid(logits) * 255).round().byte().numpy()
-            for name, prob in zip(names, probs):
-                path = out / "probabilities" / seq.name / f"{name}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(prob, mode="L").save(path)
-        if save_dilation:
-            padded = F.pad(frames, (0, -frames.shape[-1] % 32, 0, -frames.shape[-2] % 32))
-            H, W = frames.shape[-2:]
-            for layer, maps in dilation_maps(model, padded, clip_len, amp_dtype).items():
-                for name, m in zip(names, maps[:, :H, :W].numpy()):
-                    path = out / "dilation" / layer / seq.name / f"{name}.png"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(_colormap(m)).save(path)
-        frames_done += len(names)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return dict(frames=frames_done, model_s=model_s, total_s=time.time() - start, peak_mib=peak)
+        torch.cuda.reset_peak_memory_stats(device)
+    frames_done, model_s, start = 0, 0.0, time.perf_counter()
+    if save_dilation:
+        write_dilation_legend(out / "dilation" / "legend.png")
+    bar = progress(total=sum(len(s) for s in sequences), desc="segment", unit="frame")
+    with ThreadPoolExecutor(workers) as write:
+        writing = []                                    # the previous video's files
+        for seq, frames, logits, seconds in segment_videos(model, sequences, clip_len, gap,
+                                                           clips_per_batch, amp_dtype, size,
+                                                           workers):
+            model_s += seconds
+            names = [Path(p).stem for p in seq.frames]
+            files = [(out / seq.name / f"{name}.png", mask, write_mask)
+                     for name, mask in zip(names, segment(logits).cpu().numpy())]
+            if save_logits:
+                (out / "logits").mkdir(parents=True, exist_ok=True)
+                np.save(out / "logits" / f"{seq.name}.npy",
+                        logits.cpu().numpy().astype(np.float16))
+            if save_probabilities:
+                probs = (torch.sigmoid(logits) * 255).round().byte().cpu().numpy()
+                files += [(out / "probabilities" / seq.name / f"{name}.png", prob, _save_image)
+                          for name, prob in zip(names, probs)]
+            if save_dilation:
+                maps = dilation_maps(model, frames.float() / 255, clip_len, amp_dtype)
+                files += [(out / "dilation" / layer / seq.name / f"{name}.png", colormap(m),
+                           _save_image)
+                          for layer, layer_maps in maps.items()
+                          for name, m in zip(names, layer_maps.numpy())]
+            for done in writing:
+                done.result()                           # raises a failed write here
+            writing = [write.submit(save, path, array) for path, array, save in files]
+            frames_done += len(names)
+            bar.update(len(names))
+            if not interactive():
+                print(f"segmented {seq.name} ({len(names)} frames, {frames_done}/{bar.total} in "
+                      f"all)", flush=True)
+        for done in writing:
+            done.result()
+    bar.close()
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return dict(frames=frames_done, model_s=model_s, total_s=time.perf_counter() - start,
+                peak_mib=peak)
+
+
+def _save_image(path, array):
+    """Save a uint8 (H, W) or (H, W, 3) array as a PNG, creating its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
 
 
 def format_tables(global_row, rows):

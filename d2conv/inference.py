@@ -23,35 +23,56 @@ def clip_starts(num_frames, clip_len=8, gap=5):
     return starts
 
 
+def clip_windows(num_frames, clip_len=8, gap=5):
+    """The frame indices of every clip, (clip_len,) int64 each (the last frame repeated in a
+    video shorter than a clip)."""
+    return [torch.arange(start, start + clip_len).clamp(max=num_frames - 1)
+            for start in clip_starts(num_frames, clip_len, gap)]
+
+
+def resize_frames(frames, size):
+    """(N, 3, H, W) float -> (N, 3, *size), bilinear with antialiasing (as training resizes)."""
+    if size is None or tuple(frames.shape[-2:]) == tuple(size):
+        return frames
+    return F.interpolate(frames, size=tuple(size), mode="bilinear", align_corners=False,
+                         antialias=True)
+
+
 @torch.no_grad()
-def predict_video(model, frames, clip_len=8, gap=5, clips_per_batch=2, amp_dtype=None):
+def predict_video(model, frames, clip_len=8, gap=5, clips_per_batch=2, amp_dtype=None,
+                  size=None):
     """Mean logits of every frame of a video.
 
-    frames: (N, 3, H, W) float in [0, 1] (any device; moved to the model's device clip by clip)
-    returns: (N, H, W) float32 logits on the CPU.
+    frames: (N, 3, H, W), uint8 in [0, 255] or float in [0, 1], on any device (moved to the
+    model's device once). size: (h, w) to run the model at (the training resolution: frames are
+    resized to it and the logits back), None for the frames' own size.
+    returns: (N, H, W) float32 logits on the model's device.
     """
     device = next(model.parameters()).device
     N, _, H, W = frames.shape
-    total = torch.zeros(N, H, W)
-    count = torch.zeros(N, 1, 1)
-    windows = []
-    for start in clip_starts(N, clip_len, gap):
-        index = torch.arange(start, start + clip_len).clamp(max=N - 1)
-        windows.append(index)
+    frames = frames.to(device, non_blocking=True)
+    frames = frames.float() / 255 if frames.dtype == torch.uint8 else frames.float()
+    frames = resize_frames(frames, size)
+    h, w = frames.shape[-2:]
+    total = torch.zeros(N, h, w, device=device)
+    count = torch.zeros(N, 1, 1, device=device)
+    windows = clip_windows(N, clip_len, gap)
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     for b in range(0, len(windows), clips_per_batch):
         batch = windows[b:b + clips_per_batch]
-        clips = torch.stack([frames[i].transpose(0, 1) for i in batch]).to(device)  # (B,3,T,H,W)
-        clips, _ = pad_to_multiple(clips)
+        clips = torch.stack([frames[i].transpose(0, 1) for i in batch])      # (B, 3, T, h, w)
+        clips, (rows, cols) = pad_to_multiple(clips)
         with autocast:
-            logits = model(clips)[:, 0, :, :H, :W].float().cpu()                  # (B, T, H, W)
+            logits = model(clips)[:, 0, :, rows, cols].float()                # (B, T, h, w)
         for index, clip_logits in zip(batch, logits):
             real = torch.ones(len(index), dtype=torch.bool)
             real[1:] = index[1:] != index[:-1]          # a repeated last frame counts once
-            total.index_add_(0, index[real], clip_logits[real])
-            count.index_add_(0, index[real], torch.ones(int(real.sum()), 1, 1))
-    return total / count
+            index, clip_logits = index[real].to(device), clip_logits[real.to(device)]
+            total.index_add_(0, index, clip_logits)
+            count.index_add_(0, index, torch.ones(len(index), 1, 1, device=device))
+    logits = total / count
+    return resize_logits(logits, (H, W)) if (h, w) != (H, W) else logits
 
 
 def segment(logits, threshold=0.5):

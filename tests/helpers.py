@@ -1,5 +1,6 @@
-"""Shared pieces of the kernel tests: a case description, fresh random inputs, the float64
-reference, NaN-surrounded storage and relative errors."""
+"""Shared pieces of the tests: for the kernels a case description, fresh random inputs, the
+float64 reference, NaN-surrounded storage and relative errors; for the command lines the check of
+a bad-input message."""
 import math
 from dataclasses import dataclass, field, replace
 
@@ -131,3 +132,12 @@ def rel_err(a, b):
 
 
 NAMES = ("input", "coords", "weight", "bias", "mask")
+
+
+def one_line_error(capsys, *names):
+    """A command line's stderr after bad input: one line, no traceback, naming every one of
+    ``names``."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: ") and all(str(n) in err for n in names), err
+    return err

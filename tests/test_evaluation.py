@@ -9,12 +9,13 @@ import torch
 from PIL import Image
 
 import evaluate
+from d2conv.config import build_model, make_config
 from d2conv.data import davis_sequences, load_mask
 from d2conv.data.synthetic import generate
 from d2conv.evaluation import evaluate_results, read_prediction, run_model, write_mask
 from d2conv.inference import clip_starts, predict_video
 from d2conv.model import EncoderDecoder
-from d2conv.trainer import build_model, make_config
+from helpers import one_line_error
 
 pytestmark = pytest.mark.usefixtures("reference_on_cpu")
 
@@ -73,14 +74,14 @@ def test_prediction_formats(tmp_path):
 
 
 def copy_ground_truth(davis, results):
-    for seq in davis_sequences(davis, "val", 2016):
+    for seq in davis_sequences(davis, "val", 2016, masks="davis2016"):
         for m in seq.masks:
             write_mask(results / seq.name / m.name, load_mask(m))
 
 
 def test_ground_truth_as_results_scores_one(davis, tmp_path):
     copy_ground_truth(davis, tmp_path)
-    global_row, rows = evaluate_results(davis, tmp_path)
+    global_row, rows, _ = evaluate_results(davis, tmp_path)
     assert global_row["J&F-Mean"] == global_row["J-Mean"] == global_row["F-Mean"] == 1.0
     assert len(rows) == 2
     seq = davis_sequences(davis, "val", 2016)[0]
@@ -103,9 +104,11 @@ def test_model_results_round_trip(davis, tmp_path):
         written = sorted(p.name for p in (tmp_path / seq.name).glob("*.png"))
         assert written == [f.with_suffix(".png").name for f in seq.frames]
         assert np.load(tmp_path / "logits" / f"{seq.name}.npy").shape == (11, 64, 96)
-    layers = sorted(p.name for p in (tmp_path / "dilation").iterdir())
+    layers = sorted(p.name for p in (tmp_path / "dilation").iterdir() if p.is_dir())
     assert len(layers) == 10
-    global_row, rows = evaluate_results(davis, tmp_path)
+    with Image.open(tmp_path / "dilation" / "legend.png") as legend:
+        assert legend.mode == "RGB" and legend.width > legend.height
+    global_row, rows, _ = evaluate_results(davis, tmp_path)
     assert 0.0 <= global_row["J-Mean"] <= 1.0 and len(rows) == 2
 
 
@@ -118,10 +121,27 @@ def test_command_line_evaluation_only(davis, tmp_path, capsys):
                      "1.000,1.000,1.000,0.000,1.000,1.000,0.000"]
     assert (tmp_path / "per-sequence_results-val.csv").read_text().startswith(
         "Sequence,J-Mean,F-Mean\n")
-    with pytest.raises(SystemExit, match="--force"):
-        evaluate.main(argv)
+    capsys.readouterr()
+    assert evaluate.main(argv) == 2
+    assert "--force" in capsys.readouterr().err
     assert evaluate.main(argv + ["--force", "--task", "semi-supervised"]) == 0
     assert "Global results for val" in capsys.readouterr().out
+
+
+def test_command_line_errors_are_one_line(davis, tmp_path, capsys):
+    copy_ground_truth(davis, tmp_path / "results")
+    shutil.rmtree(tmp_path / "results" / "val_001")
+    argv = ["--davis-path", str(davis), "--results-path", str(tmp_path / "results")]
+    assert evaluate.main(argv) == 2
+    one_line_error(capsys, "val_001", tmp_path / "results")
+    assert evaluate.main(["--davis-path", str(tmp_path / "nowhere"), "--results-path",
+                          str(tmp_path)]) == 2
+    one_line_error(capsys, tmp_path / "nowhere")
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "broken.pt")]) == 2
+    one_line_error(capsys, tmp_path / "broken.pt")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "absent.pt")]) == 2
+    one_line_error(capsys, tmp_path / "absent.pt")
 
 
 def test_command_line_model_mode(davis, tmp_path, capsys):
