@@ -1,30 +1,38 @@
-"""Train the paper's model (SPEC §4).
+"""Train the paper's model (SPEC §4), or a small one from scratch.
 
-    python train.py                         # CPU: tiny model, synthetic videos; GPU: paper model
+    python train.py                         # CPU: tiny preset; GPU: small preset (synthetic videos)
     python train.py --preset paper --data /data/DAVIS --backbone-weights weights/ir_csn_152.pt
     python train.py --max-steps 3 --run-dir runs/demo && python train.py --run-dir runs/demo --resume --max-steps 5
-    torchrun --nproc_per_node 2 train.py --preset paper     # DDP; the global batch is 2 x batch-size
+    torchrun --nproc_per_node 2 train.py --preset paper ...   # DDP; the global batch is 2 x batch-size
 
-Exit status: 0 done, 3 non-finite loss (the last good checkpoint is kept), 130 interrupted
-(after saving last.pt).
+Exit status: 0 done, 2 bad input (a path, a file, an option: one line says which), 3 non-finite
+loss (the last good checkpoint is kept), 130 interrupted (after saving last.pt).
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from d2conv.config import DESCRIPTIONS, PRESETS, load_checkpoint, make_config
+from d2conv.errors import InputError, MissingInput, exit_status
 from d2conv.model import DECODER_CONVS
-from d2conv.trainer import NonFiniteLoss, Trainer, make_config
+from d2conv.trainer import NonFiniteLoss, Trainer, minutes, scores_line
+
+PAPER = ("python train.py --preset paper --data /path/to/DAVIS "
+         "--backbone-weights weights/ir_csn_152.pt")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["tiny", "paper"],
-                   help="model size and recipe (default: paper on a GPU, tiny on the CPU)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="model and recipe (default: tiny on the CPU; on a GPU small, or paper "
+                        "when --backbone-weights is given)")
     p.add_argument("--data", help="'synthetic' (generated under ./data on first use, the default) "
-                                  "or a DAVIS root (JPEGImages/480p, Annotations_unsupervised/480p, ImageSets)")
+                                  "or a DAVIS root (DAVIS-2017 with ImageSets/2016 and 2017, or "
+                                  "the DAVIS-2016 release with ImageSets/480p)")
     p.add_argument("--run-dir", help="where checkpoints (last.pt, best.pt) and log.jsonl go "
                                      "(default: runs/<preset>-<decoder>-<time>)")
     p.add_argument("--resume", action="store_true",
@@ -42,39 +50,78 @@ def parse_args(argv=None):
     p.add_argument("--loss", choices=["lovasz", "bce", "bce+lovasz"], help="training loss")
     p.add_argument("--optimizer", choices=["adam", "adamw"], help="optimizer")
     p.add_argument("--scheduler", choices=["step", "cosine"], help="learning-rate schedule")
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
-                   help="switch off flips, scale jitter and crops")
+    p.add_argument("--augment", dest="augment", action="store_true", default=None,
+                   help="flips and scale jitter (off in the paper preset, as in the original)")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="no flips or scale jitter")
+    p.add_argument("--no-replacement", dest="replacement", action="store_false", default=None,
+                   help="draw a clip's frames without replacement (the original draws 8 with "
+                        "replacement from the 8 around the centre frame)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--log-every", type=int,
-                   help="optimizer steps between log lines (log.jsonl, TensorBoard, progress bar)")
+                   help="optimizer steps between log lines (log.jsonl, TensorBoard, progress)")
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def default_preset(backbone_weights):
+    """tiny on the CPU; on a GPU the paper's recipe given backbone weights, else small."""
+    if not torch.cuda.is_available():
+        return "tiny", "no GPU"
+    if backbone_weights:
+        return "paper", "a GPU and --backbone-weights"
+    return "small", "a GPU and no --backbone-weights"
+
+
+def config(args):
+    """The run's TrainConfig: a new one from the preset, or the resumed run's."""
     overrides = dict(data=args.data, max_steps=args.max_steps, epochs=args.epochs,
                      backbone_weights=args.backbone_weights, decoder_conv=args.decoder_conv,
                      batch_size=args.batch_size, lr=args.lr, loss=args.loss,
                      optimizer=args.optimizer, scheduler=args.scheduler, augment=args.augment,
-                     workers=args.workers, seed=args.seed, log_every=args.log_every)
+                     replacement=args.replacement, workers=args.workers, seed=args.seed,
+                     log_every=args.log_every)
+    if args.backbone_weights and not Path(args.backbone_weights).is_file():
+        raise MissingInput(f"--backbone-weights: no such file {args.backbone_weights}")
     if args.resume:
         if not args.run_dir:
-            sys.exit("--resume needs --run-dir")
-        last = Path(args.run_dir) / "last.pt"
-        if not last.exists():
-            sys.exit(f"--resume: no checkpoint at {last}")
-        saved = torch.load(last, map_location="cpu", weights_only=False)["config"]
+            raise InputError("--resume needs --run-dir")
+        saved = load_checkpoint(Path(args.run_dir) / "last.pt")["config"]
         preset = args.preset or saved.pop("preset")
         saved.pop("preset", None)
         saved["run_dir"] = args.run_dir         # the folder resumed from, also when moved or copied
-        cfg = make_config(preset, **{**saved, **{k: v for k, v in overrides.items() if v is not None}})
-    else:
-        preset = args.preset or ("paper" if torch.cuda.is_available() else "tiny")
-        decoder = args.decoder_conv or "d2conv-xyz"
-        run_dir = args.run_dir or f"runs/{preset}-{decoder}-{time.strftime('%Y%m%d-%H%M%S')}"
-        cfg = make_config(preset, run_dir=run_dir, **overrides)
+        return make_config(preset, **{**saved, **{k: v for k, v in overrides.items()
+                                                  if v is not None}}), None
+    preset, why = ((args.preset, None) if args.preset else default_preset(args.backbone_weights))
+    decoder = args.decoder_conv or "d2conv-xyz"
+    run_dir = args.run_dir or f"runs/{preset}-{decoder}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return make_config(preset, run_dir=run_dir, **overrides), why
 
+
+def announce(cfg, why):
+    """What this run trains, on what, for how long; a warning for the paper's recipe without
+    pretrained weights."""
+    chosen = f" (the default with {why})" if why else ""
+    what, took = DESCRIPTIONS[cfg.preset]
+    print(f"preset {cfg.preset}{chosen}: {what}, decoder {cfg.decoder_conv}, {cfg.epochs} epochs"
+          f"{f' (at most {cfg.max_steps} steps)' if cfg.max_steps else ''} -> {cfg.run_dir}")
+    print(f"how long: the preset's {PRESETS[cfg.preset]['epochs']} epochs took {took}",
+          flush=True)
+    if cfg.preset != "paper":
+        print(f"the paper's recipe: {PAPER}")
+    elif not cfg.backbone_weights:
+        print("WARNING: " + "=" * 70 + "\nWARNING: --preset paper without --backbone-weights is "
+              "the paper's FINE-TUNING recipe (lr 1e-5)\nWARNING: started from RANDOM weights: "
+              "it learns almost nothing. Convert the VMZ\nWARNING: ir-CSN-152 weights (README, "
+              "'The model') and pass --backbone-weights,\nWARNING: or leave out --preset for "
+              "a from-scratch preset.\nWARNING: " + "=" * 70, file=sys.stderr, flush=True)
+
+
+def run(args):
+    cfg, why = config(args)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        announce(cfg, why)
     trainer = Trainer(cfg)
     try:
         if args.resume:
@@ -89,12 +136,22 @@ def main(argv=None):
     finally:
         trainer.close()
     if trainer.main:
-        last = summary["last"]
-        scores = (f"validation J&F {last['J&F']:.3f} (J {last['J']:.3f}, F {last['F']:.3f}, "
-                  f"foreground IoU {last['iou']:.3f})" if last else "no validation in this run")
-        print(f"step {summary['step']}: {scores}; best J&F {summary['best_jf']:.3f}")
-        print(f"checkpoint: {summary['checkpoint']} (last: {cfg.run_dir}/last.pt)")
+        last, best = summary["last"], summary["best"]
+        print(f"done in {minutes(summary['seconds'])} ({summary['step']} steps): last "
+              f"validation {scores_line(last)}; best J&F {best['J&F']:.3f} (IoU "
+              f"{best['iou']:.3f}) at step {best['step']}")
+        checkpoint = Path(summary["checkpoint"])
+        if checkpoint.parent.parent == Path("runs"):    # evaluate.py's default: the newest one
+            print(f"next: python evaluate.py  (evaluates {checkpoint}, this run's best "
+                  f"validation J&F; last.pt beside it holds the last step)")
+        else:
+            print(f"next: python evaluate.py --checkpoint {checkpoint}  (this run's best "
+                  f"validation J&F; last.pt beside it holds the last step)")
     return 0
+
+
+def main(argv=None):
+    return exit_status(run, parse_args(argv))
 
 
 if __name__ == "__main__":

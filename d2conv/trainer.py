@@ -1,11 +1,14 @@
 """Training (SPEC §4): the loop, validation, checkpoints, resume, DDP and logging.
 
-One process per GPU under torchrun (DDP, rank 0 alone writes and logs), or a single process on a
-GPU or the CPU. The global batch is ``batch_size x world_size`` clips. ``last.pt`` and ``best.pt``
-in the run directory are written atomically and hold everything needed to continue exactly:
-model, optimizer, scheduler, RNG states, the epoch and the batches already done in it, the step
-and the config. A non-finite loss stops the run (exit status 3) keeping the last good checkpoint;
-Ctrl-C saves and exits (status 130).
+One process per GPU under torchrun (DDP, rank 0 alone writes and prints), or a single process on
+a GPU or the CPU. The global batch is ``batch_size x world_size`` clips. ``last.pt`` and
+``best.pt`` in the run directory are written atomically and hold everything needed to continue
+exactly: model, optimizer, scheduler, RNG states, the epoch and the batches already done in it,
+the step and the config. ``last.pt`` is written at the end of every epoch before its validation,
+and on Ctrl-C; a non-finite loss stops the run keeping the last good checkpoint. Validation runs
+the evaluation protocol (``d2conv.evaluation.validate``: whole videos, clips every ``val_gap``
+frames, DAVIS-2016 ground truth), so its numbers are those ``evaluate.py`` prints for the same
+checkpoint; the best validation J&F is kept as ``best.pt``.
 """
 import contextlib
 import json
@@ -13,110 +16,29 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
-from tqdm import tqdm
 
-from .data import build_clips, davis_sequences, load_frame, load_mask
-from .data.synthetic import ensure as ensure_synthetic
-from .inference import predict_video, resize_logits, segment
+import kernels
+
+from .config import build_model, load_checkpoint
+from .data import ClipDataset, check_files, dataset_root, split_sequences
+from .errors import InputError
+from .evaluation import validate
 from .layers import predictor_parameters
 from .losses import SegmentationLoss
-from .metrics import davis_scores, f_measure, j_measure
-from .model import EncoderDecoder
+from .progress import interactive, progress
 
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-@dataclass
-class TrainConfig:
-    preset: str = "tiny"
-    data: str = "synthetic"            # "synthetic" or a DAVIS root
-    run_dir: str = "runs/tiny"
-    backbone: str = "ir_csn_tiny"
-    backbone_weights: str = ""         # converted VMZ weights (python -m d2conv.weights convert)
-    decoder_conv: str = "d2conv-xyz"
-    mdim: int = 32
-    decoder_norm: bool = False         # GroupNorm after the GC and before the head (from scratch)
-    fg_prior: float = 0.0              # > 0: the head's bias starts at this foreground log-odds
-    clip_len: int = 8
-    size: tuple = ()                   # resize frames to (H, W) for training; () keeps them
-    augment: bool = True
-    batch_size: int = 4                # clips per process
-    lr: float = 1e-3
-    predictor_lr: float = 1.0          # lr multiplier of the D²Conv / DCN size, offset and mask
-                                       # predictors (zero-initialised, fan-in 27 x Cin)
-    warmup_steps: int = 0              # linear lr warm-up over the first optimizer steps
-    optimizer: str = "adam"            # adam | adamw
-    weight_decay: float = 0.0
-    scheduler: str = "step"            # step | cosine
-    step_epochs: int = 10
-    gamma: float = 0.1
-    epochs: int = 20
-    max_steps: int = 0                 # stop after this many optimizer steps (0: no limit)
-    clip_grad: float = 10.0
-    loss: str = "lovasz"               # lovasz | bce | bce+lovasz
-    amp: bool = True                   # bf16 autocast on the GPU
-    checkpoint: bool = False           # activation checkpointing of the backbone blocks
-    workers: int = 2
-    val_every: int = 1                 # epochs
-    val_gap: int = 4                   # clip start spacing during validation
-    log_every: int = 10
-    seed: int = 0
-
-
-PRESETS = {
-    # the CPU default: the tiny model trained from scratch on the synthetic set, about 10 minutes
-    # on two cores (64x96 frames, 8 epochs of 120 steps at about 0.5 s). From scratch it needs
-    # the decoder's GroupNorms (else the head's ReLU dies and the output collapses to a constant),
-    # the head's bias at the foreground prior, a warm-up, a batch of 8 (less gradient noise than
-    # 4) and the sampling predictors at a tenth of the lr. Measured on 2 cores, validation IoU
-    # after 960 steps: lr 2e-3 with cosine decay 0.627, lr 1e-3 step decay 0.597, 2e-3 step 0.589.
-    # What limits the IoU is the number of steps, not these settings (bench/sweep_tiny.py,
-    # results/*-tiny-sweep.json): `--epochs 32` (~40 minutes on 2 cores) reached 0.687 there,
-    # 0.70-0.74 on a GPU. Clips of 4 frames step only 1.3x faster and learn less per step (0.600
-    # after 1920 steps, 11.7 minutes on 2 cores).
-    "tiny": dict(backbone="ir_csn_tiny", mdim=32, decoder_norm=True, fg_prior=0.12, batch_size=8,
-                 lr=2e-3, scheduler="cosine", predictor_lr=0.1, warmup_steps=25, epochs=8,
-                 loss="bce+lovasz", workers=1, checkpoint=False),
-    # the paper's recipe (SPEC §4); backbone weights from the VMZ model zoo
-    "paper": dict(backbone="ir_csn_152", mdim=256, batch_size=2, lr=1e-5, epochs=20,
-                  step_epochs=10, gamma=0.1, loss="lovasz", size=(480, 854), checkpoint=True,
-                  workers=4),
-}
-
-
-def make_config(preset, **overrides):
-    """The preset's config with ``overrides`` (None values ignored)."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    names = {f.name for f in fields(TrainConfig)}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f"unknown config options: {sorted(unknown)}")
-    return TrainConfig(preset=preset, **values)
-
-
-def build_model(cfg):
-    """The EncoderDecoder a config describes: a TrainConfig, or the dict a checkpoint stores (its
-    missing fields, from an older checkpoint, take their defaults). Trainer and evaluate.py both
-    build through here, so a new model option cannot be forgotten by one of them."""
-    if isinstance(cfg, dict):
-        names = {f.name for f in fields(TrainConfig)}
-        cfg = TrainConfig(**{k: v for k, v in cfg.items() if k in names})
-    return EncoderDecoder(cfg.backbone, cfg.decoder_conv, mdim=cfg.mdim,
-                          checkpoint=cfg.checkpoint, decoder_norm=cfg.decoder_norm,
-                          fg_prior=cfg.fg_prior or None)
 
 
 class EpochSampler(Sampler):
@@ -162,6 +84,7 @@ def setup_distributed():
 
 def save_atomic(obj, path):
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -181,37 +104,15 @@ def set_rng_state(state):
             torch.cuda.set_rng_state(cuda_state, index)
 
 
-def dataset_root(data):
-    return ensure_synthetic() if data == "synthetic" else Path(data)
+def minutes(seconds):
+    """'9 min 48 s' / '48 s'."""
+    seconds = round(seconds)
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
 
 
-@torch.no_grad()
-def validate(model, cfg, device, progress=True):
-    """Whole-video inference on the validation split (DAVIS-2016 val lists): foreground IoU
-    (mean over frames, empty vs empty = 1) and the DAVIS J&F."""
-    model.eval()
-    sequences = davis_sequences(dataset_root(cfg.data), "val", year=2016)
-    amp = torch.bfloat16 if cfg.amp and device.type == "cuda" else None
-    per_sequence, ious = {}, []
-    for seq in tqdm(sequences, desc="validate", leave=False, disable=not progress):
-        frames = torch.from_numpy(np.stack([load_frame(p) for p in seq.frames]))
-        frames = frames.permute(0, 3, 1, 2).float() / 255                  # (N, 3, H, W)
-        native = frames.shape[-2:]
-        if cfg.size:        # infer at the training resolution, score at the native one
-            frames = F.interpolate(frames, size=tuple(cfg.size), mode="bilinear",
-                                   align_corners=False, antialias=True)
-        logits = predict_video(model, frames, cfg.clip_len, cfg.val_gap, amp_dtype=amp)
-        masks = segment(resize_logits(logits, native) if cfg.size else logits)
-        pred = masks.numpy()
-        annotated = [i for i, m in enumerate(seq.masks) if m is not None]
-        gt = np.stack([load_mask(seq.masks[i]) for i in annotated])
-        j = j_measure(pred[annotated], gt)
-        per_sequence[seq.name] = {"J": j, "F": f_measure(pred[annotated], gt)}
-        ious.extend(j.tolist())
-    model.train()
-    global_row, _ = davis_scores(per_sequence)
-    return {"iou": float(np.mean(ious)), "J&F": global_row["J&F-Mean"],
-            "J": global_row["J-Mean"], "F": global_row["F-Mean"]}
+def scores_line(scores):
+    return (f"IoU {scores['iou']:.3f}, J&F {scores['J&F']:.3f} (J {scores['J']:.3f}, "
+            f"F {scores['F']:.3f})")
 
 
 class Trainer:
@@ -222,14 +123,40 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.run_dir = Path(cfg.run_dir)
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = Path(cfg.run_dir)     # created by the first file written into it
 
+        # the data first: a bad path or file stops the run before anything is built or written
+        if self.main:                        # the synthetic set is written once, by rank 0
+            self.root = dataset_root(cfg.data, cfg.synthetic)
+        if self.world > 1:
+            dist.barrier()
+        if not self.main:
+            self.root = dataset_root(cfg.data, cfg.synthetic)
+        train, self.val_sequences = (split_sequences(self.root, s) for s in ("train", "val"))
+        if self.main:
+            checked = check_files(train + self.val_sequences)
+            clips = sum(len(s) for s in train)
+            self.print(f"data: {self.root}: {len(train)} training videos ({clips} clips), "
+                       f"{len(self.val_sequences)} validation videos; {checked} image headers "
+                       f"checked")
+        self.dataset = ClipDataset(train, clip_len=cfg.clip_len, size=tuple(cfg.size) or None,
+                                   augment=cfg.augment, replace=cfg.replacement, seed=cfg.seed)
+        self.sampler = EpochSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.rank,
+                                    self.world)
+        if self.sampler.batches() == 0:
+            raise InputError(f"the training set has {len(self.dataset)} clips: too few for "
+                             f"batch_size={cfg.batch_size} on {self.world} process(es)")
+
+        if not cfg.autotune:
+            kernels.set_autotune(False)
         self.model = build_model(cfg).to(self.device)
         if cfg.backbone_weights:
             from .weights import load_backbone_weights
             load_backbone_weights(self.model.encoder, cfg.backbone_weights)
+        if self.world > 1 and self.device.type == "cuda":
+            # trainable BatchNorms (the ASPP's, a from-scratch backbone's) see the global batch,
+            # as the original's SyncBatchNorm did; the frozen backbone BNs are not BatchNorms
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index]
                                             if self.device.type == "cuda" else None)
                     if self.world > 1 else self.model)
@@ -250,38 +177,32 @@ class Trainer:
         self.loss_fn = SegmentationLoss(cfg.loss)
         self.amp = torch.bfloat16 if cfg.amp and self.device.type == "cuda" else None
 
-        if self.main:   # generate the synthetic set once, before other ranks look for it
-            dataset_root(cfg.data)
-        if self.world > 1:
-            dist.barrier()
-        self.dataset = build_clips(cfg.data, "train", clip_len=cfg.clip_len,
-                                   size=tuple(cfg.size) or None, augment=cfg.augment,
-                                   seed=cfg.seed)
-        self.sampler = EpochSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.rank,
-                                    self.world)
-        if self.sampler.batches() == 0:
-            raise ValueError(f"the training set has {len(self.dataset)} clips: too few for "
-                             f"batch_size={cfg.batch_size} on {self.world} process(es)")
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best = -math.inf
-        self.log_file = self.run_dir / "log.jsonl"
-        self.tb = self._tensorboard()
+        self.best_scores = self.last_scores = None
+        self.tb = None
+
+    def print(self, text):
+        if self.main:
+            print(text, flush=True)
 
     def _tensorboard(self):
-        if not self.main:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return None
-        return SummaryWriter(str(self.run_dir / "tb"))
+        if self.tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.tb = False
+            else:
+                self.tb = SummaryWriter(str(self.run_dir / "tb"))
+        return self.tb
 
     # ---- checkpoints ----
     def state(self):
         return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                    scheduler=self.scheduler.state_dict(), scaler=None, rng=rng_state(),
+                    scheduler=self.scheduler.state_dict(), rng=rng_state(),
                     step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
-                    world=self.world, best=self.best, config=asdict(self.cfg))
+                    world=self.world, best=self.best, best_scores=self.best_scores,
+                    scores=self.last_scores, config=asdict(self.cfg))
 
     def save(self, name):
         if self.main:
@@ -289,14 +210,13 @@ class Trainer:
 
     def resume(self, path=None):
         path = Path(path or self.run_dir / "last.pt")
-        if not path.exists():
-            raise FileNotFoundError(f"no checkpoint to resume from: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)   # RNG states stay CPU tensors
+        state = load_checkpoint(path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step, self.epoch, self.best = state["step"], state["epoch"], state["best"]
+        self.best_scores = state.get("best_scores")
         self.batch_in_epoch = state["batch_in_epoch"]
         # checkpoints before the world size was stored resume at their batch index
         saved = state["config"]["batch_size"] * state["world"] if "world" in state else None
@@ -306,20 +226,21 @@ class Trainer:
             # the epoch's permutation (to a whole batch: a few may repeat, none is skipped)
             clips = self.batch_in_epoch * saved
             self.batch_in_epoch = clips // global_batch
-            if self.main:
-                print(f"resume: {clips} clips of epoch {self.epoch + 1} were done at a global "
-                      f"batch of {saved}; going on at batch {self.batch_in_epoch} of "
-                      f"{global_batch} clips")
+            self.print(f"resume: {clips} clips of epoch {self.epoch + 1} were done at a global "
+                       f"batch of {saved}; going on at batch {self.batch_in_epoch} of "
+                       f"{global_batch} clips")
 
     def log(self, **entry):
         if not self.main:
             return
-        with open(self.log_file, "a") as f:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps({"time": time.time(), **entry}) + "\n")
-        if self.tb is not None:
+        tb = self._tensorboard()
+        if tb:
             for key, value in entry.items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    self.tb.add_scalar(key, value, self.step)
+                    tb.add_scalar(key, value, self.step)
 
     # ---- the loop ----
     def train_step(self, batch):
@@ -353,18 +274,24 @@ class Trainer:
         self.optimizer.step()
         return loss.detach()
 
+    def total_steps(self):
+        steps = self.cfg.epochs * self.sampler.batches()
+        return min(steps, self.cfg.max_steps) if self.cfg.max_steps else steps
+
     def fit(self):
         cfg = self.cfg
         loader_args = dict(batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
-                           num_workers=cfg.workers, pin_memory=self.device.type == "cuda")
+                           num_workers=min(cfg.workers, len(os.sched_getaffinity(0))),
+                           pin_memory=self.device.type == "cuda")
+        self.started, self._timed_from = time.time(), None
         try:
             while self.epoch < cfg.epochs and not self._done():
                 self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
                 self.dataset.set_epoch(self.epoch)
                 loader = DataLoader(self.dataset, **loader_args)
-                bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                           initial=self.batch_in_epoch, total=self.sampler.batches(),
-                           disable=not self.main, dynamic_ncols=True)
+                bar = progress(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                               initial=self.batch_in_epoch, total=self.sampler.batches(),
+                               disable=not self.main)
                 tick, clips = time.time(), 0
                 for batch in bar:
                     loss = self.train_step(batch)
@@ -380,6 +307,8 @@ class Trainer:
                         lr = self.optimizer.param_groups[0]["lr"]
                         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
                                         clips_s=f"{rate:.1f}")
+                        if not interactive():
+                            self._progress_line(loss.item(), lr, rate)
                         memory = {}
                         if self.device.type == "cuda":
                             memory["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -387,44 +316,75 @@ class Trainer:
                                  clips_per_s=rate, **memory)
                     if self._done():
                         break
+                bar.close()
                 if self.batch_in_epoch >= self.sampler.batches():   # the epoch is complete
                     self.epoch += 1
                     self.batch_in_epoch = 0
                     self.scheduler.step()
-                    if self.epoch % cfg.val_every == 0 or self.epoch == cfg.epochs:
+                    self.save("last.pt")             # before validating: a crash there loses
+                    if self.epoch % cfg.val_every == 0 or self.epoch == cfg.epochs:   # nothing
                         self.evaluate()
-                self.save("last.pt")
-        except KeyboardInterrupt:
-            self.save("last.pt")
+                        self.save("last.pt")         # with the scores and the best so far
+                else:
+                    self.save("last.pt")
+        except (KeyboardInterrupt, InputError):
+            self.save("last.pt")                     # the steps done so far are consistent
             raise
-        if self.best == -math.inf:          # stopped before any validation: validate once
+        if self.last_scores is None:        # stopped before any validation: validate once
             self.evaluate()
             self.save("last.pt")
         return self.summary()
+
+    def _progress_line(self, loss, lr, rate):
+        """A plain log line, where no progress bar is drawn (output to a file or a pipe). The
+        time left is timed from the first such line on, after the kernels' first compiles."""
+        total, now = self.total_steps(), time.time()
+        if self._timed_from is None:
+            self._timed_from = now, self.step
+        start, first = self._timed_from
+        left = (f", about {minutes((now - start) / (self.step - first) * (total - self.step))} "
+                f"left" if self.step > first else "")
+        self.print(f"epoch {self.epoch + 1}/{self.cfg.epochs} step {self.step}/{total}: loss "
+                   f"{loss:.4f}, lr {lr:.2e}, {rate:.1f} clips/s{left}")
 
     def _done(self):
         return bool(self.cfg.max_steps) and self.step >= self.cfg.max_steps
 
     def evaluate(self):
-        scores = validate(self.model, self.cfg, self.device, self.main) if self.main else None
+        cfg = self.cfg
+        scores, seconds = None, 0.0
+        if self.main:
+            tick = time.time()
+            scores = validate(self.model, self.val_sequences, cfg.clip_len, cfg.val_gap,
+                              self.amp, tuple(cfg.size) or None)
+            self.model.train()
+            seconds = time.time() - tick
         if self.world > 1:
             box = [scores]
             dist.broadcast_object_list(box, src=0)
             scores = box[0]
-        self.last_scores = scores
+        self.last_scores = dict(scores, epoch=self.epoch, step=self.step)
         self.log(step=self.step, epoch=self.epoch, **{f"val_{k}": v for k, v in scores.items()})
-        if scores["J&F"] > self.best:
-            self.best = scores["J&F"]
+        best = scores["J&F"] > self.best
+        if best:
+            self.best, self.best_scores = scores["J&F"], self.last_scores
             self.save("best.pt")
+        where = (f"epoch {self.epoch}/{cfg.epochs}" if self.batch_in_epoch == 0 else
+                 f"epoch {self.epoch + 1}/{cfg.epochs}, batch {self.batch_in_epoch}")
+        note = ("best so far: best.pt" if best else
+                f"best J&F {self.best:.3f} at step {self.best_scores['step']}")
+        self.print(f"validation after {where} (step {self.step}, {minutes(seconds)}): "
+                   f"{scores_line(scores)}; {note}")
         return scores
 
     def summary(self):
-        return dict(step=self.step, epoch=self.epoch, best_jf=self.best,
-                    last=getattr(self, "last_scores", None),
-                    checkpoint=str(self.run_dir / "best.pt"))
+        return dict(step=self.step, epoch=self.epoch, last=self.last_scores,
+                    best=self.best_scores, checkpoint=str(self.run_dir / "best.pt"),
+                    seconds=time.time() - self.started)
 
     def close(self):
-        if self.tb is not None:
+        if self.tb:
             self.tb.close()
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+

@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluate
 import train
 from d2conv import trainer as trainer_module
+from d2conv.config import make_config
 from d2conv.data.synthetic import generate
 from d2conv.trainer import EpochSampler
+from helpers import one_line_error
 
 pytestmark = pytest.mark.usefixtures("reference_on_cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +131,7 @@ def test_two_process_gloo_ddp(videos, tmp_path):
     assert state["step"] == 3
     # 10 clips over 2 ranks at batch 2: 2 batches an epoch per rank
     assert (state["epoch"], state["batch_in_epoch"]) == (1, 1)
-    assert "checkpoint:" in result.stdout and result.stdout.count("checkpoint:") == 1
+    assert result.stdout.count("next: ") == 1 and result.stdout.count("preset tiny") == 1
 
 
 def test_warmup_and_predictor_learning_rate(videos, tmp_path, monkeypatch):
@@ -142,7 +145,7 @@ def test_warmup_and_predictor_learning_rate(videos, tmp_path, monkeypatch):
         return real(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
-    cfg = trainer_module.make_config("tiny", data=str(videos), run_dir=str(tmp_path),
+    cfg = make_config("tiny", data=str(videos), run_dir=str(tmp_path),
                                      batch_size=2, workers=0, lr=1e-3, predictor_lr=0.1,
                                      warmup_steps=4, max_steps=3)
     trainer = trainer_module.Trainer(cfg)
@@ -150,3 +153,100 @@ def test_warmup_and_predictor_learning_rate(videos, tmp_path, monkeypatch):
     assert [round(lrs[0], 9) for lrs in seen] == [2.5e-4, 5e-4, 7.5e-4]
     assert all(abs(lrs[1] - 0.1 * lrs[0]) < 1e-12 for lrs in seen)
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-3, 1e-4]
+
+
+def test_bad_input_is_one_line_and_leaves_no_run_folder(videos, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(args(tmp_path / "nonexistent", run)) == 2
+    one_line_error(capsys, tmp_path / "nonexistent")
+    assert train.main(args(videos, run, "--backbone-weights", str(tmp_path / "w.pt"))) == 2
+    one_line_error(capsys, "--backbone-weights", tmp_path / "w.pt")
+    no_sets = tmp_path / "no_sets"
+    shutil.copytree(videos, no_sets)
+    shutil.rmtree(no_sets / "ImageSets")
+    assert train.main(args(no_sets, run)) == 2
+    one_line_error(capsys, no_sets / "ImageSets/2017/train.txt")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(videos, corrupt)
+    bad = corrupt / "JPEGImages/480p/val_000/00004.jpg"
+    bad.write_bytes(b"garbage")
+    assert train.main(args(corrupt, run)) == 2                    # found before training
+    one_line_error(capsys, bad)
+    assert not run.exists()
+    run.mkdir()
+    (run / "last.pt").write_text("not a checkpoint")
+    assert train.main(args(videos, run, "--resume")) == 2
+    one_line_error(capsys, run / "last.pt")
+
+
+def test_a_frame_that_fails_to_decode_stops_with_one_line(videos, tmp_path, capsys):
+    """A JPEG whose header reads but whose data is cut: the DataLoader worker's error becomes
+    one line naming the file, and the steps done are saved."""
+    data = tmp_path / "data"
+    shutil.copytree(videos, data)
+    for frame in (data / "JPEGImages/480p/train_000").glob("*.jpg"):
+        frame.write_bytes(frame.read_bytes()[:-300])              # header whole, data cut
+    assert train.main(args(data, tmp_path / "run", "--workers", "1")) == 2
+    one_line_error(capsys, data / "JPEGImages/480p/train_000")
+    assert weights(tmp_path / "run")["step"] == 0
+
+
+def test_last_checkpoint_is_written_before_validation(videos, tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("validation failed")
+
+    monkeypatch.setattr(trainer_module, "validate", broken)
+    with pytest.raises(RuntimeError, match="validation failed"):
+        train.main(args(videos, tmp_path))
+    state = weights(tmp_path)
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (5, 1, 0)
+
+
+def test_train_and_evaluate_print_the_same_scores(videos, tmp_path, monkeypatch, capsys):
+    """Validation is the evaluation protocol: evaluate.py on the run's best.pt prints the J&F and
+    IoU train.py printed for it. Output to a file or pipe gets plain lines, no redrawn bars."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.main(args(videos, tmp_path / "run", "--log-every", "2")) == 0
+    out = capsys.readouterr()
+    assert "\r" not in out.out + out.err and "epoch 1/2 step 2/10: loss" in out.out
+    validations = [line for line in out.out.splitlines() if line.startswith("validation after")]
+    assert len(validations) == 2 and "best so far: best.pt" in validations[0]
+    best = weights(tmp_path / "run")["best_scores"]
+    assert f"IoU {best['iou']:.3f}, J&F {best['J&F']:.3f}" in out.out
+    assert f"next: python evaluate.py --checkpoint {tmp_path / 'run' / 'best.pt'}" in out.out
+    assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "best.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert f"IoU {best['iou']:.3f}, J&F {best['J&F']:.3f}" in printed
+    row = (tmp_path / "run/results_5/global_results-val.csv").read_text().splitlines()[1]
+    assert row.startswith(f"{best['J&F']:.3f},{best['J']:.3f},")
+    assert f"train.py's validation prints it): {best['iou']:.3f}" in printed
+
+
+def test_default_preset_and_the_paper_warning(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.default_preset(None)[0] == "tiny"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train.default_preset(None)[0] == "small"
+    assert train.default_preset("w.pt")[0] == "paper"
+    train.announce(make_config("small", run_dir="runs/x"), "a GPU and no --backbone-weights")
+    out = capsys.readouterr()
+    assert "preset small (the default with a GPU" in out.out and "--preset paper" in out.out
+    assert out.err == ""
+    train.announce(make_config("paper", run_dir="runs/x"), None)
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "RANDOM weights" in err and "--backbone-weights" in err
+
+
+def test_paper_preset_is_the_original_recipe(videos, tmp_path):
+    """Frames drawn with replacement, no augmentation, Lovász hinge, Adam 1e-5 with StepLR
+    (10, 0.1) over 20 epochs, 2 clips a GPU, clipping at 10, frames resized to 480x854."""
+    cfg = make_config("paper")
+    assert (cfg.replacement, cfg.augment, cfg.loss, cfg.optimizer, cfg.lr, cfg.scheduler,
+            cfg.step_epochs, cfg.gamma, cfg.epochs, cfg.batch_size, cfg.clip_grad,
+            tuple(cfg.size), cfg.backbone) == (True, False, "lovasz", "adam", 1e-5, "step", 10,
+                                               0.1, 20, 2, 10.0, (480, 854), "ir_csn_152")
+    small = make_config("paper", data=str(videos), backbone="ir_csn_tiny", mdim=8, size=(64, 96),
+                        workers=0, run_dir=str(tmp_path))
+    trainer = trainer_module.Trainer(small)
+    assert trainer.dataset.replace and not trainer.dataset.augment
+    assert isinstance(trainer.scheduler, torch.optim.lr_scheduler.StepLR)

@@ -1,0 +1,137 @@
+"""What a training run is: its config (``TrainConfig``), the presets, and the model it builds.
+
+    cfg = make_config("tiny", data="synthetic", epochs=4)     # a preset with overrides
+    model = build_model(cfg)                                   # also from a checkpoint's dict
+
+Presets:
+- ``tiny``: the CPU default, a narrow ir-CSN trained from scratch on the synthetic set.
+- ``small``: the GPU default without backbone weights, a wider ir-CSN from scratch on larger
+  synthetic frames.
+- ``paper``: the paper's recipe (SPEC §4): ir-CSN-152 from the VMZ weights, fine-tuned at lr 1e-5
+  on DAVIS-2017 train and validated on DAVIS-2016 val.
+"""
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .errors import BadInput, MissingInput
+from .model import EncoderDecoder
+
+__all__ = ["TrainConfig", "PRESETS", "DESCRIPTIONS", "make_config", "from_dict", "build_model",
+           "load_checkpoint"]
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    data: str = "synthetic"            # "synthetic" or a DAVIS root
+    synthetic: dict = field(default_factory=dict)   # the synthetic set's parameters (overrides
+                                       # of d2conv.data.synthetic.DEFAULTS) for data="synthetic"
+    run_dir: str = "runs/tiny"
+    backbone: str = "ir_csn_tiny"
+    backbone_weights: str = ""         # converted VMZ weights (python -m d2conv.weights convert)
+    decoder_conv: str = "d2conv-xyz"
+    mdim: int = 32
+    decoder_norm: bool = False         # GroupNorm after the GC and before the head (from scratch)
+    fg_prior: float = 0.0              # > 0: the head's bias starts at this foreground log-odds
+    clip_len: int = 8
+    replacement: bool = True           # clip frames drawn with replacement (the original's)
+    size: tuple = ()                   # resize frames to (H, W) for training; () keeps them
+    augment: bool = False              # flips and scale jitter (the original trained without)
+    batch_size: int = 4                # clips per process
+    lr: float = 1e-3
+    predictor_lr: float = 1.0          # lr multiplier of the D²Conv / DCN size, offset and mask
+                                       # predictors (zero-initialised, fan-in 27 x Cin)
+    warmup_steps: int = 0              # linear lr warm-up over the first optimizer steps
+    optimizer: str = "adam"            # adam | adamw
+    weight_decay: float = 0.0
+    scheduler: str = "step"            # step | cosine
+    step_epochs: int = 10
+    gamma: float = 0.1
+    epochs: int = 20
+    max_steps: int = 0                 # stop after this many optimizer steps (0: no limit)
+    clip_grad: float = 10.0
+    loss: str = "lovasz"               # lovasz | bce | bce+lovasz
+    amp: bool = True                   # bf16 autocast on the GPU
+    autotune: bool = True              # tune the Triton kernels per shape (False: their default
+                                       # configs, a few compiles instead of minutes of tuning)
+    checkpoint: bool = False           # activation checkpointing of the backbone blocks
+    workers: int = 2
+    val_every: int = 1                 # epochs
+    val_gap: int = 5                   # clip start spacing during validation (the protocol's)
+    log_every: int = 10
+    seed: int = 0
+
+
+PRESETS = {
+    "tiny": dict(backbone="ir_csn_tiny", mdim=32, decoder_norm=True, fg_prior=0.12, batch_size=8,
+                 lr=2e-3, scheduler="cosine", predictor_lr=0.1, warmup_steps=25, epochs=6,
+                 loss="bce+lovasz", augment=True, replacement=False, workers=1,
+                 checkpoint=False),
+    "small": dict(backbone="ir_csn_small", mdim=64, decoder_norm=True, fg_prior=0.12,
+                  batch_size=8, lr=2e-3, scheduler="cosine", predictor_lr=0.1, warmup_steps=100,
+                  epochs=12, loss="bce+lovasz", augment=True, replacement=False, workers=6,
+                  checkpoint=False, autotune=False,
+                  synthetic=dict(n_train=96, n_val=16, frames=24, height=128, width=224)),
+    # the paper's recipe (SPEC §4); backbone weights from the VMZ model zoo
+    "paper": dict(backbone="ir_csn_152", mdim=256, batch_size=2, lr=1e-5, epochs=20,
+                  step_epochs=10, gamma=0.1, loss="lovasz", size=(480, 854), checkpoint=True,
+                  augment=False, replacement=True, workers=4),
+}
+
+
+# what each preset trains and how long its epochs took, for the line train.py prints at the start
+DESCRIPTIONS = {
+    "tiny": ("ir-CSN-tiny trained from scratch on the synthetic videos at 64x96",
+             "9 minutes on 2 CPU cores (AMD EPYC, 2026-12-02)"),
+    "small": ("ir-CSN-small trained from scratch on the synthetic videos at 128x224",
+              "4.5 minutes on one H200 (2026-12-02)"),
+    "paper": ("the paper's recipe: ir-CSN-152 fine-tuned at lr 1e-5 on DAVIS-2017 train, "
+              "validated on DAVIS-2016 val", "about 80 minutes on one H200 at 2 steps/s"),
+}
+
+
+def make_config(preset, **overrides):
+    """The preset's config with ``overrides`` (None values ignored)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown config options: {sorted(unknown)}")
+    return TrainConfig(preset=preset, **values)
+
+
+def from_dict(values: dict) -> TrainConfig:
+    """A checkpoint's config dict as a TrainConfig (fields it lacks, from an older checkpoint,
+    take their defaults; fields this version no longer has are dropped)."""
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if k in names})
+
+
+def build_model(cfg):
+    """The EncoderDecoder a config describes: a TrainConfig, or the dict a checkpoint stores.
+    Trainer and evaluate.py both build through here, so a new model option cannot be forgotten
+    by one of them."""
+    if isinstance(cfg, dict):
+        cfg = from_dict(cfg)
+    return EncoderDecoder(cfg.backbone, cfg.decoder_conv, mdim=cfg.mdim,
+                          checkpoint=cfg.checkpoint, decoder_norm=cfg.decoder_norm,
+                          fg_prior=cfg.fg_prior or None)
+
+
+def load_checkpoint(path) -> dict:
+    """A trainer checkpoint's contents (tensors on the CPU); MissingInput / BadInput naming the
+    file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInput(f"no checkpoint {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise BadInput(f"cannot read the checkpoint {path}: {error}") from error
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise BadInput(f"{path} is not a trainer checkpoint (no 'model' and 'config')")
+    return state
