@@ -23,6 +23,11 @@ from d2conv.trainer import NonFiniteLoss, Trainer, minutes, scores_line
 
 PAPER = ("python train.py --preset paper --data /path/to/DAVIS "
          "--backbone-weights weights/ir_csn_152.pt")
+RANDOM_WEIGHTS = """\
+--preset paper without --backbone-weights is the paper's FINE-TUNING recipe (lr 1e-5)
+started from RANDOM weights: it learns almost nothing. Convert the VMZ ir-CSN-152
+weights (README, 'The model') and pass --backbone-weights, or leave out --preset for
+a from-scratch preset."""
 
 
 def parse_args(argv=None):
@@ -110,11 +115,8 @@ def announce(cfg, why):
     if cfg.preset != "paper":
         print(f"the paper's recipe: {PAPER}")
     elif not cfg.backbone_weights:
-        print("WARNING: " + "=" * 70 + "\nWARNING: --preset paper without --backbone-weights is "
-              "the paper's FINE-TUNING recipe (lr 1e-5)\nWARNING: started from RANDOM weights: "
-              "it learns almost nothing. Convert the VMZ\nWARNING: ir-CSN-152 weights (README, "
-              "'The model') and pass --backbone-weights,\nWARNING: or leave out --preset for "
-              "a from-scratch preset.\nWARNING: " + "=" * 70, file=sys.stderr, flush=True)
+        lines = ["=" * 70, *RANDOM_WEIGHTS.splitlines(), "=" * 70]
+        print("\n".join(f"WARNING: {line}" for line in lines), file=sys.stderr, flush=True)
 
 
 def run(args):

@@ -1,5 +1,5 @@
 """Training clips: T frames around each frame of each video, optionally augmented, padded to
-multiples of 32 (SPEC §4).
+multiples of 32.
 
 A sample (one per (video, centre frame i)) is a dict:
 
