@@ -10,6 +10,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .data.clips import resize
 from .model import pad_to_multiple
 
 
@@ -30,14 +31,6 @@ def clip_windows(num_frames, clip_len=8, gap=5):
             for start in clip_starts(num_frames, clip_len, gap)]
 
 
-def resize_frames(frames, size):
-    """(N, 3, H, W) float -> (N, 3, *size), bilinear with antialiasing (as training resizes)."""
-    if size is None or tuple(frames.shape[-2:]) == tuple(size):
-        return frames
-    return F.interpolate(frames, size=tuple(size), mode="bilinear", align_corners=False,
-                         antialias=True)
-
-
 @torch.no_grad()
 def predict_video(model, frames, clip_len=8, gap=5, clips_per_batch=2, amp_dtype=None,
                   size=None):
@@ -52,7 +45,8 @@ def predict_video(model, frames, clip_len=8, gap=5, clips_per_batch=2, amp_dtype
     N, _, H, W = frames.shape
     frames = frames.to(device, non_blocking=True)
     frames = frames.float() / 255 if frames.dtype == torch.uint8 else frames.float()
-    frames = resize_frames(frames, size)
+    if size is not None:
+        frames = resize(frames, tuple(size), "bilinear")
     h, w = frames.shape[-2:]
     total = torch.zeros(N, h, w, device=device)
     count = torch.zeros(N, 1, 1, device=device)

@@ -43,8 +43,10 @@ def sample_frames(n: int, i: int, clip_len: int, half_window: int, rng,
     return np.sort(rng.choice(window, clip_len, replace=replace or len(window) < clip_len))
 
 
-def _resize(x, size, mode):
-    """x (T, C, H, W) float -> (T, C, *size)."""
+def resize(x, size, mode):
+    """x (T, C, H, W) float -> (T, C, *size): "bilinear" with antialiasing (images) or
+    "nearest" (masks); unchanged when it has that size. Inference resizes frames through here
+    too, so a model sees frames resized as in training."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     if mode == "bilinear":
@@ -118,8 +120,8 @@ class ClipDataset(_EpochMixin, Dataset):
                             self.replace)
         images, masks, annotated = self._load(seq, ids)     # (T, 3, H, W), (T, 1, H, W), (T,)
         if self.size is not None:
-            images = _resize(images, self.size, "bilinear")
-            masks = _resize(masks, self.size, "nearest")
+            images = resize(images, self.size, "bilinear")
+            masks = resize(masks, self.size, "nearest")
         area = torch.ones_like(masks)                       # 0 where augmentation padded
         if self.augment:
             images, masks, area = self._augment(images, masks, area, rng)
@@ -160,8 +162,8 @@ class ClipDataset(_EpochMixin, Dataset):
             size = tuple(images.shape[-2:])
             s = rng.uniform(*self.scale_jitter)
             scaled = tuple(max(1, round(n * s)) for n in size)
-            images = _resize(images, scaled, "bilinear")
-            masks, area = _resize(masks, scaled, "nearest"), _resize(area, scaled, "nearest")
+            images = resize(images, scaled, "bilinear")
+            masks, area = resize(masks, scaled, "nearest"), resize(area, scaled, "nearest")
             # content offset: in [size - scaled, 0] when cropping, [0, size - scaled] when padding
             offset = tuple(int(rng.integers(min(0, n - m), max(0, n - m) + 1))
                            for n, m in zip(size, scaled))
