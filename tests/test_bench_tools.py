@@ -1,55 +1,60 @@
-"""The bench scripts' kernel variants stay in step with the kernels: bench/ablate.py builds them
-by editing a copy of kernels/, and the variants meant to give the same result must give it."""
-import os
-import subprocess
+"""The bench's tools stay in step with the library and with their records: the scripts import
+against the kernels as they are, table.py renders the H200 record, records.py merges a timing in
+place of the earlier one of its case, and bench/results holds JSON records only."""
+import importlib
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-# in a process of its own: bench/ablate.py imports bench/test_kernels.py as "test_kernels", a
-# name the test suite's own test_kernels.py takes here
-_CHECK = """
-import importlib, sys, tempfile, torch, triton
-sys.path.insert(0, "bench")
-import ablate
-from kernels import naive
-name, dtype = sys.argv[1], getattr(torch, sys.argv[3])
-# TF32 products take the weight with its channels contiguous (forward.kernel_args: W_C_MAJOR)
-torch.backends.cuda.matmul.allow_tf32 = sys.argv[4] == "tf32"
-variant = ablate.variant(name, tempfile.mkdtemp())
-checks = importlib.import_module(variant.__name__ + ".checks")
-forward = importlib.import_module(variant.__name__ + ".forward")
-dev = "cuda" if torch.cuda.is_available() else "cpu"
-if dev == "cuda":
-    triton.set_allocator(lambda size, alignment, stream:
-                         torch.empty(size, device="cuda", dtype=torch.int8))
-torch.manual_seed(int(sys.argv[2]))
-# 48 channels in 2 groups: a channel block that runs past its segment into the next kernel point
-N, C, Co, T, H, W, groups = 2, 48, 32, 3, 4, 5, 2
-x = torch.randn(N, C, T, H, W, device=dev).to(dtype)
-w = (torch.randn(Co, C // groups, 3, 3, 3, device=dev) * 0.1).to(dtype)
-size = (torch.rand(N, 3, T, H, W, device=dev) * 2.5 + 0.5).to(dtype)
-mask = torch.rand(N, 27, T, H, W, device=dev).to(dtype)
-geo = checks.check_args(x, size, w, None, 1, 1, 1, mask, groups, "xyz")
-out = forward.d2conv_fwd(geo, x, size, w, None, mask, "xyz").double().cpu()
-ref = naive.d2conv3d(*(t.double().cpu() for t in (x, size, w)), None, padding=1,
-                     mask=mask.double().cpu(), groups=groups)
-print(((out - ref).abs().max() / ref.abs().max()).item())
-"""
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPTS = ["ablate", "compile_check", "inference", "ncu_profile", "records", "table"]
 
 
-@pytest.mark.parametrize("dtype, products", [("float16", "16-bit"), ("float32", "tf32")])
-def test_tma_weight_variant_gives_the_forward(dtype, products):
-    """Both weight layouts: (K * C, Cog) tiles for 16-bit products, (K * Co, Cg) transposed in
-    shared memory for TF32."""
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    seed = str(int.from_bytes(os.urandom(2), "little"))
-    result = subprocess.run([sys.executable, "-c", _CHECK, "tma-weights", seed, dtype, products],
-                            env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    error = float(result.stdout.split()[-1])
-    tolerance = 2e-3 if products == "16-bit" else 5e-3
-    assert error < tolerance, f"tma-weights forward off the reference by {error:.1e} (seed {seed})"
+@pytest.fixture
+def bench_path(monkeypatch):
+    """bench/ on sys.path, as for a script run from there (restored afterwards)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_imports(bench_path, name):
+    """Each script's imports exist: the kernels' names it uses, test_kernel_speed's shapes."""
+    importlib.import_module(name)
+
+
+def test_table_of_the_h200_record(bench_path):
+    """One line per (shape, dtype, pass) with a dense timing, each op's ratio to dense."""
+    table = importlib.import_module("table")
+    rows = json.loads((BENCH / "results" / "NVIDIA_H200.json").read_text())
+    lines = table.table(rows).splitlines()
+    cases = {(r["shape"], r["dtype"], r["pass"]) for r in rows if r["op"] == "dense"}
+    assert len(lines) == 2 + len(cases)
+    rf2 = next(line for line in lines if line.startswith("| rf2 | bfloat16 | fwdbwd |"))
+    dense, d2conv = (r["median_ms"] for op in ("dense", "d2conv3d") for r in rows
+                     if (r["shape"], r["dtype"], r["op"], r["pass"])
+                     == ("rf2", "bfloat16", op, "fwdbwd"))
+    assert f"({d2conv / dense:.1f}×)" in rf2
+
+
+def test_merge_replaces_the_same_case(bench_path, monkeypatch, tmp_path):
+    records = importlib.import_module("records")
+    monkeypatch.setattr(records, "RESULTS", tmp_path / "out")
+    key = ("shape", "op")
+    records.merge("card.json", {"shape": "rf2", "op": "dense", "ms": 1.0}, key)
+    records.merge("card.json", {"shape": "rf3", "op": "dense", "ms": 2.0}, key)
+    records.merge("card.json", {"shape": "rf2", "op": "dense", "ms": 3.0}, key)
+    rows = json.loads((tmp_path / "out" / "card.json").read_text())
+    assert rows == [{"shape": "rf2", "op": "dense", "ms": 3.0},
+                    {"shape": "rf3", "op": "dense", "ms": 2.0}]
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_results_are_json_records():
+    """bench/results holds JSON records only, each readable."""
+    files = sorted((BENCH / "results").iterdir())
+    assert files
+    for path in files:
+        assert path.suffix == ".json", f"{path.name}: not a JSON record"
+        json.loads(path.read_text())

@@ -1,22 +1,26 @@
-"""Kernel benchmarks at the paper's shapes (SPEC §2, W = 108): `pytest bench` on a GPU machine.
+"""Kernel speed at the paper model's shapes: `pytest bench` on a GPU machine.
+
+Shapes (N, C_in -> C_out, T x H x W; 3x3x3, padding 1), for a batch of two 8-frame clips of
+480x864 (DAVIS's 480x854 frames padded): rf3, the decoder's refine block at 1/4 time and 1/16
+space (2, 256 -> 256, 2x30x54); rf2, at 1/2 time and 1/8 space (2, 256 -> 256, 4x60x108);
+rf2_in512, rf2's first convolution, which takes the encoder's 512 channels (2, 512 -> 256,
+4x60x108); early, a layer at full time and 1/4 space with few channels and many voxels (2, 64 ->
+64, 8x120x216). The original CUDA op's cost table (docs/design.md) has rf3, rf2 and rf2_in512.
 
 Each case times forward ("fwd") and forward+backward ("fwdbwd") with pytest-benchmark (host clock
 around a synchronised call) and records the CUDA-event median of triton.testing.do_bench, plus the
-peak extra memory of a forward+backward, into bench/results/<gpu>.json (or the folder named by
-D2CONV_BENCH_RESULTS). Every case skips without
-a GPU. A figure means nothing if the op is wrong: before timing an op at a shape, the bench
-checks its forward and gradients at the same channel counts (a small video) against the float64
-reference and refuses to time it when they disagree.
+peak extra memory of a forward+backward, in <gpu>.json among the bench's records (records.py).
+Every case skips without a GPU. A figure means nothing if the op is wrong: before timing an op at
+a shape, the bench checks its forward and gradients at the same channel counts (a small video)
+against the float64 reference and refuses to time it when they disagree.
 """
-import json
-import os
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import settings
+from records import gpu_name, merge
 
 SHAPES = {  # name: (N, C_in, C_out, T, H, W)
     "rf3": (2, 256, 256, 2, 30, 54),
@@ -29,7 +33,6 @@ SHAPES = {  # name: (N, C_in, C_out, T, H, W)
 OPS = ["dense", "d2conv3d", "deform_conv3d", "reference"]
 # float32: strict IEEE (TF32 off for cuDNN and for the kernels); float32-tf32: TF32 allowed
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float32-tf32": torch.float32}
-RESULTS = Path(os.environ.get("D2CONV_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a GPU")
 
@@ -92,18 +95,12 @@ def peak_extra_mib(run):
 
 
 def record(entry):
-    gpu = torch.cuda.get_device_name().replace(" ", "_")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{gpu}.json"
-    rows = json.loads(path.read_text()) if path.exists() else []
-    key = ("shape", "dtype", "op", "pass")
-    rows = [r for r in rows if tuple(r[k] for k in key) != tuple(entry[k] for k in key)]
-    rows.append(dict(gpu=gpu, **entry, torch=torch.__version__,
-                     triton=__import__("triton").__version__,
-                     autotuned=os.environ.get("D2CONV_AUTOTUNE", "1") != "0"))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(sorted(rows, key=lambda r: tuple(r[k] for k in key)), indent=1))
-    os.replace(tmp, path)
+    """Merge one timing into <gpu>.json, in place of an earlier one of the same case."""
+    gpu = gpu_name()
+    merge(f"{gpu}.json", dict(gpu=gpu, **entry, torch=torch.__version__,
+                              triton=__import__("triton").__version__,
+                              autotuned=settings.autotune()),
+          key=("shape", "dtype", "op", "pass"))
 
 
 _verified = {}

@@ -1,35 +1,30 @@
-"""One training step of the paper's model (SPEC §3/§4: ir-CSN-152, batch 2, 8x480x864, bf16
-autocast, backbone checkpointing, Adam) with the dense 3DC-Seg decoder and with D²Conv3D (xyz,
-modulated, rf2 + rf3): `pytest bench/test_model.py` on a GPU. Records the median step time and
-the peak memory in bench/results/<gpu>-model.json (or the folder named by D2CONV_BENCH_RESULTS).
+"""One training step of the paper's model: `pytest bench/test_model_speed.py` on a GPU.
+
+ir-CSN-152 with backbone checkpointing (docs/model.md), batch 2 of 8x480x864 clips, bf16
+autocast, Adam, gradient clipping (docs/training.md), with the dense 3DC-Seg decoder and with
+D²Conv3D (xyz, modulated, in rf2 and rf3). Records the median step time, the peak memory and the
+parameter counts in <gpu>-model.json among the bench's records (records.py).
 """
-import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from d2conv.model import EncoderDecoder
-
-RESULTS = Path(os.environ.get("D2CONV_BENCH_RESULTS", Path(__file__).parent / "results"))
+from kernels import settings
+from records import gpu_name, merge
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a GPU")
 
 
 def record(entry):
-    gpu = torch.cuda.get_device_name().replace(" ", "_")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{gpu}-model.json"
-    rows = json.loads(path.read_text()) if path.exists() else []
-    rows = [r for r in rows if r["decoder_conv"] != entry["decoder_conv"]]
-    rows.append(dict(gpu=gpu, **entry, torch=torch.__version__,
-                     triton=__import__("triton").__version__))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(sorted(rows, key=lambda r: r["decoder_conv"]), indent=1))
-    os.replace(tmp, path)
+    """Merge one decoder's step into <gpu>-model.json, in place of an earlier one."""
+    gpu = gpu_name()
+    merge(f"{gpu}-model.json", dict(gpu=gpu, **entry, torch=torch.__version__,
+                                    triton=__import__("triton").__version__,
+                                    autotuned=settings.autotune()),
+          key=("decoder_conv",))
 
 
 @pytest.mark.parametrize("decoder_conv", ["dense", "d2conv-xyz"])

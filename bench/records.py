@@ -1,0 +1,35 @@
+"""Where the bench writes its records: bench/results/, or the folder named by
+D2CONV_BENCH_RESULTS (read here only; e.g. a scratch folder for a trial run, to keep the
+repository's records as they are). One JSON file per card and kind of measurement."""
+import json
+import os
+from pathlib import Path
+
+RESULTS = Path(os.environ.get("D2CONV_BENCH_RESULTS") or Path(__file__).parent / "results")
+
+
+def gpu_name():
+    """The GPU's name as the results files spell it, e.g. "NVIDIA_H200"."""
+    import torch
+
+    return torch.cuda.get_device_name().replace(" ", "_")
+
+
+def write(name, data):
+    """Write ``data`` as RESULTS/name (JSON), replacing the file in one step."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def merge(name, row, key):
+    """Put ``row`` into the list of rows in RESULTS/name, in place of the row with the same values
+    of the ``key`` fields; the other rows stay. Rows are kept sorted by key."""
+    path = RESULTS / name
+    rows = json.loads(path.read_text()) if path.exists() else []
+    same = tuple(row[k] for k in key)
+    rows = [r for r in rows if tuple(r[k] for k in key) != same] + [row]
+    return write(name, sorted(rows, key=lambda r: tuple(r[k] for k in key)))
