@@ -1,17 +1,16 @@
-"""Inference throughput of the paper model (SPEC §5) on 480×854 videos, gap 5 and dense (gap 1).
+"""Inference throughput of the paper model on 480×854 videos, clips every 5 frames and every frame.
 
     PYTHONPATH=. python bench/inference.py [--frames 60] [--videos 2] [--out DIR]
 
 Weights are random (throughput does not depend on them); the videos are procedural (the
 synthetic generator at 480×854, padded to 480×864 as DAVIS frames are). After one warm-up video
-it times, per decoder and gap:
+it times, per decoder and gap (clip spacing; the evaluation protocol, docs/davis.md, uses 5):
 - the model alone: frames already decoded in memory, logits out, synchronised;
 - end to end: ``evaluate.py``'s path (``d2conv.evaluation.run_model``), reading the JPEGs and
   writing the PNG masks, which overlaps both with the model on threads;
-and writes ``bench/results/<gpu>-inference.json``.
+and writes ``<gpu>-inference.json`` among the bench's records (records.py) on a GPU.
 """
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ from d2conv.data.synthetic import generate
 from d2conv.evaluation import read_frames, run_model
 from d2conv.inference import predict_video
 from d2conv.model import EncoderDecoder
+from kernels import settings
+from records import gpu_name, write
 
 
 def model_alone(model, videos, gap, clips_per_batch, amp):
@@ -53,7 +54,7 @@ def main():
 
     cuda = torch.cuda.is_available()
     amp = torch.bfloat16 if cuda else None
-    gpu = torch.cuda.get_device_name().replace(" ", "_") if cuda else "cpu"
+    gpu = gpu_name() if cuda else "cpu"
     height, width = map(int, args.size.split("x"))
     root = Path(args.out or tempfile.mkdtemp())
     tick = time.time()
@@ -79,7 +80,8 @@ def main():
                                 height=height, width=width, clips_per_batch=args.clips_per_batch,
                                 model_fps=alone, end_to_end_fps=t["frames"] / t["total_s"],
                                 peak_mib=t["peak_mib"] or 0, torch=torch.__version__,
-                                triton=triton.__version__, date=time.strftime("%Y-%m-%d")))
+                                triton=triton.__version__, autotuned=settings.autotune(),
+                                date=time.strftime("%Y-%m-%d")))
             print(records[-1], flush=True)
         del model
         if cuda:
@@ -94,11 +96,10 @@ def main():
               f"{r['peak_mib']:>9.0f}")
     if not cuda:
         return
-    path = Path(__file__).parent / "results" / f"{gpu}-inference.json"
     what = (f"{gpu}, one process, random-weight {args.backbone} model, {args.videos} timed "
             f"videos of {args.frames} frames at {args.size} after a warm-up video; model_fps: "
             f"the model alone on decoded frames; end_to_end_fps: evaluate.py's whole path")
-    path.write_text(json.dumps({"what": what, "records": records}, indent=1) + "\n")
+    path = write(f"{gpu}-inference.json", {"what": what, "records": records})
     print(f"wrote {path}")
 
 

@@ -1,10 +1,15 @@
-"""Print the markdown table of a results file: each op's median ms and its ratio to dense.
+"""Print the markdown table of a `pytest bench` results file: each op's median ms and its ratio to
+dense, and the extra peak memory of a forward+backward.
 
     python bench/table.py [bench/results/NVIDIA_H200.json]
+
+Without an argument, the H200 file among the bench's records (records.py).
 """
 import json
 import sys
 from pathlib import Path
+
+from records import RESULTS
 
 ORDER = {"rf3": 0, "rf2": 1, "rf2_in512": 2, "early": 3}
 OPS = ["d2conv3d", "deform_conv3d", "reference"]
@@ -39,6 +44,5 @@ def table(rows):
 
 
 if __name__ == "__main__":
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else
-                Path(__file__).parent / "results" / "NVIDIA_H200.json")
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS / "NVIDIA_H200.json"
     print(table(json.loads(path.read_text())))
