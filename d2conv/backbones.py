@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as checkpoint_fn
 
 __all__ = ["FrozenBatchNorm3d", "Stem", "Bottleneck", "IrCSN", "ir_csn_152", "ir_csn_50", "ir_csn_tiny",
-           "ir_csn_small", "group_norm"]
+           "ir_csn_small", "group_norm", "BACKBONES"]
 
 
 class FrozenBatchNorm3d(nn.Module):
@@ -174,3 +174,9 @@ def ir_csn_small(checkpoint: bool = False) -> IrCSN:
     """ir-CSN-tiny three times as wide, for training from scratch on a GPU: one block per stage,
     stem 16, widths (24, 48, 96, 192), channels (96, 192, 384, 768), GroupNorm."""
     return ir_csn_tiny(checkpoint, widths=(24, 48, 96, 192), stem_channels=16)
+
+
+# every backbone by the name a config gives (``EncoderDecoder(backbone=...)``); ``python -m
+# d2conv.weights convert --depth D`` builds ``ir_csn_D``
+BACKBONES = {"ir_csn_152": ir_csn_152, "ir_csn_50": ir_csn_50, "ir_csn_small": ir_csn_small,
+             "ir_csn_tiny": ir_csn_tiny}

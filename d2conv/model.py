@@ -1,5 +1,5 @@
-"""The 3DC-Seg encoder-decoder (SPEC §3) with a choice of decoder convolution: dense (3DC-Seg),
-ASPP (the dilated baseline), DCN, DCNv2 or D²Conv3D in the chosen refine blocks.
+"""The 3DC-Seg encoder-decoder (docs/model.md) with a choice of decoder convolution: dense
+(3DC-Seg), ASPP (the dilated baseline), DCN, DCNv2 or D²Conv3D in the chosen refine blocks.
 
     clip (B, 3, T, H, W) RGB in [0, 1]  ->  logits (B, 1, T, H, W)
 """
@@ -9,13 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import ir_csn_152, ir_csn_50, ir_csn_small, ir_csn_tiny
+from .backbones import BACKBONES
 from .layers import VARIANTS, convert_convs
 
 MEAN = (0.43216, 0.394666, 0.37645)
 STD = (0.22803, 0.22145, 0.216989)
-BACKBONES = {"ir_csn_152": ir_csn_152, "ir_csn_50": ir_csn_50, "ir_csn_small": ir_csn_small,
-             "ir_csn_tiny": ir_csn_tiny}
 DECODER_CONVS = ("dense", "aspp", *VARIANTS)
 
 

@@ -23,12 +23,12 @@ import zipfile
 import numpy as np
 import torch
 
-from d2conv.backbones import IrCSN, ir_csn_50, ir_csn_152
+from d2conv.backbones import BACKBONES, IrCSN
 
-__all__ = ["BACKBONES", "UNUSED_PREFIX", "blob_map", "convert", "load_caffe2_pickle",
+__all__ = ["DEPTHS", "UNUSED_PREFIX", "blob_map", "convert", "load_caffe2_pickle",
            "load_backbone_weights", "main"]
 
-BACKBONES = {"152": ir_csn_152, "50": ir_csn_50}
+DEPTHS = ("152", "50")                  # the ir-CSNs of the VMZ model zoo: ir_csn_<depth>
 UNUSED_PREFIX = "last_out_L400_"        # the classifier: allowed to be left over
 _BN = {"s": "weight", "b": "bias", "rm": "running_mean", "riv": "running_var"}
 
@@ -109,7 +109,7 @@ def load_backbone_weights(model: IrCSN, path) -> IrCSN:
 
 def _convert_command(args) -> None:
     with torch.device("meta"):                        # only the shapes are needed
-        model = BACKBONES[args.depth]()
+        model = BACKBONES[f"ir_csn_{args.depth}"]()
     state = convert(load_caffe2_pickle(args.src), model)
     params = {name for name, _ in model.named_parameters()}
     n_params = sum(t.numel() for k, t in state.items() if k in params)
@@ -135,7 +135,7 @@ def main(argv=None) -> None:
     conv = sub.add_parser("convert", help="convert a VMZ Caffe2 pickle to a torch state-dict file")
     conv.add_argument("src", help="the VMZ pickle, e.g. irCSN_152_ft_kinetics_from_sports1m_f101599884.pkl")
     conv.add_argument("dst", help="the torch file to write (atomically), e.g. weights/ir_csn_152.pt")
-    conv.add_argument("--depth", choices=sorted(BACKBONES), default="152",
+    conv.add_argument("--depth", choices=sorted(DEPTHS), default="152",
                       help="which ir-CSN the pickle holds (default: 152)")
     args = parser.parse_args(argv)
     try:
