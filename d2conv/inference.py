@@ -1,4 +1,4 @@
-"""Whole-video inference by overlapping clips (SPEC §5).
+"""Whole-video inference by overlapping clips (docs/davis.md).
 
 Clips of ``clip_len`` frames start every ``gap`` frames (and one more ends at the last frame);
 each frame's logits are the mean over the clips covering it, every real frame counted once per
@@ -9,6 +9,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .data.clips import resize
 from .model import pad_to_multiple
@@ -55,7 +56,7 @@ def predict_video(model, frames, clip_len=8, gap=5, clips_per_batch=2, amp_dtype
                 else contextlib.nullcontext())
     for b in range(0, len(windows), clips_per_batch):
         batch = windows[b:b + clips_per_batch]
-        clips = torch.stack([frames[i].transpose(0, 1) for i in batch])      # (B, 3, T, h, w)
+        clips = rearrange(frames[torch.stack(batch)], "b t c h w -> b c t h w")
         clips, (rows, cols) = pad_to_multiple(clips)
         with autocast:
             logits = model(clips)[:, 0, :, rows, cols].float()                # (B, T, h, w)

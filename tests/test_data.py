@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from d2conv.data import (ClipDataset, WeightedMix, build_clips, check_files, dataset_root,
-                         davis_sequences, load_frame, load_mask, sample_frames, split_sequences,
-                         youtube_vos_sequences)
+                         davis_sequences, load_frame, load_mask, read_frames, sample_frames,
+                         split_sequences, youtube_vos_sequences)
 from d2conv.data import synthetic
 from d2conv.errors import BadInput, InputError
 from d2conv.evaluation import evaluate_results, write_mask
@@ -202,7 +202,8 @@ def test_davis2016_release_layout(tmp_path):
 
 def test_davis2017_root_trains_on_unsupervised_and_scores_on_davis2016_truth(tmp_path):
     """In a DAVIS-2017 root training reads Annotations_unsupervised (the union of its
-    instances), validation and --year 2016 scoring read Annotations, never the former."""
+    instances), validation and evaluate.py's DAVIS-2016 scoring read Annotations, never the
+    former."""
     root = make_davis(tmp_path / "davis")                       # Annotations: ids 1 and 2
     make_davis(tmp_path / "other", folder="Annotations_unsupervised")
     (tmp_path / "other/Annotations_unsupervised").rename(root / "Annotations_unsupervised")
@@ -401,6 +402,20 @@ def test_youtube_vos_sparse(tmp_path):
     assert not s["valid"][0, [not a for a in annotated]].any()
     with pytest.raises(FileNotFoundError, match="valid/JPEGImages"):
         youtube_vos_sequences(root, "valid")
+
+
+def test_frames_of_two_sizes_are_named(tmp_path):
+    """One reader decodes frames for training and evaluation: uint8 (N, 3, H, W), and a frame of
+    another size named beside the first."""
+    seqs = davis_sequences(make_davis(tmp_path / "davis"), "train")
+    frames = read_frames(seqs[0], [4, 0])
+    assert frames.dtype == torch.uint8 and frames.shape == (2, 3, 20, 30)
+    assert torch.equal(frames[1], torch.tensor(load_frame(seqs[0].frames[0])).permute(2, 0, 1))
+    Image.fromarray(np.zeros((21, 30, 3), np.uint8)).save(seqs[0].frames[3])
+    with pytest.raises(BadInput, match="a/00003.jpg is 30x21, frame .*a/00000.jpg is 30x20"):
+        read_frames(seqs[0])
+    with pytest.raises(BadInput, match="a/00003.jpg is 30x21"):
+        ClipDataset(seqs, clip_len=5, half_window=4, replace=False)[2]
 
 
 def test_missing_frame_named(tmp_path):

@@ -10,17 +10,16 @@ from pathlib import Path
 
 from ..errors import MissingInput
 from .clips import ClipDataset, WeightedMix, sample_frames
-from .davis import (Sequence, check_files, davis_sequences, load_frame, load_mask,
-                    read_image_set)
+from .davis import Sequence, check_files, davis_sequences, load_frame, load_mask, read_frames
 from .youtube_vos import youtube_vos_sequences
 
-__all__ = ["Sequence", "davis_sequences", "load_frame", "load_mask", "check_files",
-           "read_image_set", "youtube_vos_sequences", "ClipDataset", "WeightedMix",
-           "sample_frames", "SPLITS", "dataset_root", "split_sequences", "build_clips"]
+__all__ = ["Sequence", "davis_sequences", "load_frame", "read_frames", "load_mask", "check_files",
+           "youtube_vos_sequences", "ClipDataset", "WeightedMix", "sample_frames", "SPLITS",
+           "dataset_root", "split_sequences", "build_clips"]
 
-# (year, image set, masks) of each split (SPEC §4): train on DAVIS-2017 train with the union of
-# the unsupervised instances, validate on DAVIS-2016 val against its own ground truth. The
-# DAVIS-2016 release has one list per split (ImageSets/480p), used whatever the year.
+# (year, image set, masks) of each split (docs/training.md): train on DAVIS-2017 train with the
+# union of the unsupervised instances, validate on DAVIS-2016 val against its own ground truth.
+# The DAVIS-2016 release has one list per split (ImageSets/480p), used whatever the year.
 SPLITS = {"train": (2017, "train", "training"), "val": (2016, "val", "davis2016")}
 
 

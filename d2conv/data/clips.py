@@ -20,10 +20,11 @@ import bisect
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch.utils.data import Dataset
 
-from ..model import padding
-from .davis import Sequence, load_frame, load_mask
+from ..model import pad_to_multiple
+from .davis import Sequence, load_mask, read_frames
 
 __all__ = ["ClipDataset", "WeightedMix", "sample_frames"]
 
@@ -126,31 +127,27 @@ class ClipDataset(_EpochMixin, Dataset):
         if self.augment:
             images, masks, area = self._augment(images, masks, area, rng)
         h, w = images.shape[-2:]
-        top, bottom, left, right = padding(h, w, self.multiple)
-        images, masks, area = (_fit(x, (top + h + bottom, left + w + right), (top, left))
-                               for x in (images, masks, area))
+        images, masks, area = (pad_to_multiple(x, self.multiple)[0] for x in (images, masks, area))
         valid = (area > 0.5) & annotated.view(-1, 1, 1, 1)
-        return {"clip": images.permute(1, 0, 2, 3).contiguous(),
-                "target": masks.permute(1, 0, 2, 3).contiguous(),
-                "valid": valid.permute(1, 0, 2, 3).contiguous(),
+        clip, target, valid = (rearrange(x, "t c h w -> c t h w").contiguous()
+                               for x in (images, masks, valid))
+        return {"clip": clip, "target": target, "valid": valid,
                 "name": seq.name, "frames": torch.from_numpy(ids).long(),
                 "size": torch.tensor([h, w], dtype=torch.long)}
 
     def _load(self, seq: Sequence, ids):
-        frames = [load_frame(seq.frames[k]) for k in ids]
-        shape = frames[0].shape[:2]
+        """Frames ``ids`` of ``seq``: images float (T, 3, H, W) in [0, 1], masks float
+        (T, 1, H, W) (zero where not annotated), annotated bool (T,)."""
+        images = read_frames(seq, ids).float().div_(255)
+        shape = tuple(images.shape[-2:])
         masks, annotated = [], []
-        for k, frame in zip(ids, frames):
-            if frame.shape[:2] != shape:
-                raise ValueError(f"frame {seq.frames[k]} is {frame.shape[:2]}, "
-                                 f"frame {seq.frames[ids[0]]} is {shape}")
+        for k in ids:
             path = seq.masks[k]
             mask = np.zeros(shape, bool) if path is None else load_mask(path)
             if mask.shape != shape:
                 raise ValueError(f"mask {path} is {mask.shape}, its frame {seq.frames[k]} {shape}")
             masks.append(mask)
             annotated.append(path is not None)
-        images = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float().div_(255)
         masks = torch.from_numpy(np.stack(masks)).unsqueeze(1).float()
         return images, masks, torch.tensor(annotated)
 

@@ -1,4 +1,5 @@
-"""DAVIS sequences in either layout (SPEC §6) and the frame / mask readers every dataset shares.
+"""DAVIS sequences in either layout (docs/davis.md) and the frame / mask readers every dataset
+shares.
 
 DAVIS-2017 root (``ImageSets/<year>``: one sequence name a line):
 
@@ -18,7 +19,7 @@ The layout is read from what the root holds. Two kinds of masks (``masks=``):
 - ``"training"``: the salient object to learn, the union of the instance ids != 0 of
   ``Annotations_unsupervised/480p`` (``Annotations/480p`` where a root has no such folder).
 - ``"davis2016"``: DAVIS-2016 ground truth, ``Annotations/480p`` binarised (> 0), what the
-  DAVIS-2016 protocol scores against (validation and ``evaluate.py --year 2016``); never
+  DAVIS-2016 protocol scores against (validation and ``evaluate.py``); never
   ``Annotations_unsupervised``, whose instances differ.
 
 Readers open and close the file on every call, so a dataset holding :class:`Sequence` objects is
@@ -28,11 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from einops import rearrange
 from PIL import Image
 
 from ..errors import BadInput, MissingInput
 
-__all__ = ["Sequence", "davis_sequences", "load_frame", "load_mask", "mask_dir",
+__all__ = ["Sequence", "davis_sequences", "load_frame", "read_frames", "load_mask", "mask_dir",
            "image_set_file", "read_image_set", "check_files", "MASKS"]
 
 MASKS = ("training", "davis2016")
@@ -66,6 +69,19 @@ def _open(path) -> Image.Image:
 def load_frame(path) -> np.ndarray:
     """RGB frame as uint8 (H, W, 3)."""
     return np.asarray(_open(path).convert("RGB"))
+
+
+def read_frames(seq: Sequence, indices=None, pool=None) -> torch.Tensor:
+    """Frames ``indices`` (default: all) of ``seq`` as uint8 (N, 3, H, W), decoded on ``pool``'s
+    threads if given (an executor). BadInput naming two frames of different sizes."""
+    paths = seq.frames if indices is None else [seq.frames[k] for k in indices]
+    arrays = list(pool.map(load_frame, paths) if pool else map(load_frame, paths))
+    for path, array in zip(paths, arrays):
+        if array.shape != arrays[0].shape:
+            raise BadInput(f"sequence {seq.name!r}: frame {path} is {array.shape[1]}x"
+                           f"{array.shape[0]}, frame {paths[0]} is {arrays[0].shape[1]}x"
+                           f"{arrays[0].shape[0]}")
+    return rearrange(torch.from_numpy(np.stack(arrays)), "n h w c -> n c h w")
 
 
 def load_mask(path) -> np.ndarray:
