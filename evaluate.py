@@ -1,8 +1,8 @@
-"""Segment videos with a trained model and score them with the DAVIS-2016 protocol (SPEC §5).
+"""Segment videos with a trained model and score them with the DAVIS-2016 protocol (docs/davis.md).
 
     python evaluate.py                                   # newest run's best.pt, on its data
     python evaluate.py --checkpoint runs/X/best.pt --data /data/DAVIS --out results/X
-    python evaluate.py --davis-path /data/DAVIS --results-path results/X --set val --year 2016
+    python evaluate.py --davis-path /data/DAVIS --results-path results/X --set val
 
 Model mode writes <out>/<sequence>/<frame>.png (indexed, 0/1) for every frame, then scores them;
 evaluation-only mode scores an existing results folder. Both score against the DAVIS-2016 ground
@@ -22,10 +22,11 @@ import torch
 from PIL import Image
 
 import kernels
-from d2conv.config import build_model, load_checkpoint
-from d2conv.data import check_files, dataset_root, davis_sequences, load_mask
+from d2conv.config import build_model, from_dict, load_checkpoint
+from d2conv.data import check_files, dataset_root, load_mask
 from d2conv.errors import InputError, MissingInput, exit_status
-from d2conv.evaluation import evaluate_results, format_tables, run_model, summary
+from d2conv.evaluation import (evaluate_results, format_tables, protocol_sequences, run_model,
+                               summary)
 from d2conv.metrics import mae, max_f_measure, write_csvs
 
 
@@ -38,7 +39,8 @@ def parse_args(argv=None):
     model.add_argument("--data", default=None, help="'synthetic' (default) or a DAVIS root")
     model.add_argument("--out", help="results folder (default: <run>/results_<gap>)")
     model.add_argument("--temporal-gap", type=int, default=5,
-                       help="a clip of 8 frames starts every this many frames (default 5)")
+                       help="a clip (of the run's clip_len frames) starts every this many "
+                            "frames (default 5)")
     model.add_argument("--dense", action="store_true", help="a clip at every frame (gap 1)")
     model.add_argument("--clips-per-batch", type=int, default=4, help="clips per forward pass")
     model.add_argument("--save-logits", action="store_true", help="also <out>/logits/<seq>.npy")
@@ -49,9 +51,9 @@ def parse_args(argv=None):
     scoring = p.add_argument_group("evaluation")
     scoring.add_argument("--davis-path", help="DAVIS root (evaluation-only mode)")
     scoring.add_argument("--results-path", help="results folder to score (evaluation-only mode)")
-    scoring.add_argument("--set", default="val", help="image set (default val)")
-    scoring.add_argument("--year", type=int, default=2016, choices=[2016],
-                         help="DAVIS year: 2016, masks binarised with > 0")
+    scoring.add_argument("--set", default="val",
+                         help="image set: ImageSets/2016/<set>.txt, or ImageSets/480p/<set>.txt "
+                              "in the DAVIS-2016 release (default val)")
     scoring.add_argument("--task", default="unsupervised",
                          choices=["unsupervised", "semi-supervised"],
                          help="unsupervised scores every frame; semi-supervised drops the first "
@@ -72,18 +74,18 @@ def newest_checkpoint(runs=Path("runs")):
 
 
 def load_model(path, device):
-    """(model in eval mode on ``device``, the checkpoint's config dict, the checkpoint)."""
+    """(model in eval mode on ``device``, the checkpoint's TrainConfig, the checkpoint)."""
     state = load_checkpoint(path)
-    cfg = state["config"]
+    cfg = from_dict(state["config"])
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, state
 
 
-def saliency_scores(davis_root, results, split, year):
+def saliency_scores(davis_root, results, split):
     """MAE and max F-measure of the saved probabilities over every annotated frame."""
     probs, gts = [], []
-    for seq in davis_sequences(davis_root, split, year, masks="davis2016"):
+    for seq in protocol_sequences(davis_root, split):
         for mask in (m for m in seq.masks if m is not None):
             path = Path(results) / "probabilities" / seq.name / f"{Path(mask).stem}.png"
             if not path.exists():
@@ -114,22 +116,21 @@ def run(args):
     if checkpoint is not None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, cfg, state = load_model(checkpoint, device)
-        if not cfg.get("autotune", True):     # as the run trained: default kernel configs
+        if not cfg.autotune:                  # as the run trained: default kernel configs
             kernels.set_autotune(False)
-        davis_root = dataset_root(args.data or cfg.get("data", "synthetic"),
-                                  cfg.get("synthetic"))
-        sequences = davis_sequences(davis_root, args.set, args.year, masks="davis2016")
+        davis_root = dataset_root(args.data or cfg.data, cfg.synthetic)
+        sequences = protocol_sequences(davis_root, args.set)
         check_files(sequences)
-        amp = torch.bfloat16 if device.type == "cuda" and cfg.get("amp", True) else None
+        amp = torch.bfloat16 if device.type == "cuda" and cfg.amp else None
         trained = state.get("scores")
         if trained:
             trained = (f", validated in training at step {trained['step']}: IoU "
                        f"{trained['iou']:.3f}, J&F {trained['J&F']:.3f}")
-        print(f"{checkpoint}: {cfg['decoder_conv']}{trained or ''}; {len(sequences)} "
+        print(f"{checkpoint}: {cfg.decoder_conv}{trained or ''}; {len(sequences)} "
               f"{args.set} videos of {davis_root}, clips every {gap} frames -> {results}")
-        timing = run_model(model, sequences, results, gap=gap,
+        timing = run_model(model, sequences, results, clip_len=cfg.clip_len, gap=gap,
                            clips_per_batch=args.clips_per_batch, amp_dtype=amp,
-                           size=tuple(cfg.get("size") or ()) or None,
+                           size=tuple(cfg.size) or None,
                            save_logits=args.save_logits,
                            save_probabilities=args.save_probabilities or args.saliency,
                            save_dilation=args.save_dilation)
@@ -137,15 +138,14 @@ def run(args):
         print(f"{timing['frames']} frames: {timing['frames'] / timing['model_s']:.1f} fps "
               f"(model), {timing['frames'] / timing['total_s']:.1f} fps (end to end){peak}")
 
-    global_row, rows, per_sequence = evaluate_results(davis_root, results, args.set, args.year,
-                                                      args.task)
+    global_row, rows, per_sequence = evaluate_results(davis_root, results, args.set, args.task)
     write_csvs(results, args.set, global_row, rows)
     print(f"--------------- Global results for {args.set} ({args.task}) ---------------")
     print(format_tables(global_row, rows))
     print(f"\nforeground IoU (J over every frame, as train.py's validation prints it): "
           f"{summary(per_sequence)['iou']:.3f}")
     if args.saliency:
-        scores = saliency_scores(davis_root, results, args.set, args.year)
+        scores = saliency_scores(davis_root, results, args.set)
         print(f"saliency: MAE {scores['MAE']:.4f}, max F-measure {scores['max-F']:.4f}")
     print(f"results: {csvs[0]}")
     return 0

@@ -1,5 +1,5 @@
-"""DAVIS-style evaluation (SPEC §5): segmenting whole videos with a model, writing and reading
-result masks, and scoring them against the DAVIS-2016 ground truth.
+"""DAVIS-style evaluation (docs/davis.md): segmenting whole videos with a model, writing and
+reading result masks, and scoring them against the DAVIS-2016 ground truth.
 
 One path serves ``evaluate.py`` and the trainer's validation: :func:`segment_videos` runs the
 model over each video (clips every ``gap`` frames), :func:`score_sequence` scores one video's
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
-from .data import davis_sequences, load_frame, load_mask
+from .data import davis_sequences, load_mask, read_frames
 from .errors import BadInput, MissingInput
 from .inference import clip_windows, predict_video, segment
 from .layers import D2Conv3d
@@ -51,15 +52,6 @@ def read_prediction(path):
     return (array.max(axis=-1) if array.ndim == 3 else array) > 0
 
 
-def read_frames(seq, pool=None):
-    """A sequence's frames as uint8 (N, 3, H, W), decoded by ``pool``'s threads if given."""
-    arrays = list(pool.map(load_frame, seq.frames) if pool else map(load_frame, seq.frames))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise BadInput(f"sequence {seq.name!r}: frames of several sizes {sorted(shapes)}")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-
-
 def segment_videos(model, sequences, clip_len=8, gap=5, clips_per_batch=4, amp_dtype=None,
                    size=None, workers=4):
     """For each sequence, (sequence, frames uint8 (N, 3, H, W), logits (N, H, W) on the model's
@@ -69,17 +61,23 @@ def segment_videos(model, sequences, clip_len=8, gap=5, clips_per_batch=4, amp_d
     device = next(model.parameters()).device
     model.eval()
     with ThreadPoolExecutor(workers) as decode, ThreadPoolExecutor(1) as ahead:
-        upcoming = ahead.submit(read_frames, sequences[0], decode) if sequences else None
+        upcoming = ahead.submit(read_frames, sequences[0], pool=decode) if sequences else None
         for k, seq in enumerate(sequences):
             frames = upcoming.result()
             if k + 1 < len(sequences):
-                upcoming = ahead.submit(read_frames, sequences[k + 1], decode)
+                upcoming = ahead.submit(read_frames, sequences[k + 1], pool=decode)
             tick = time.perf_counter()
             logits = predict_video(model, frames, clip_len, gap, clips_per_batch, amp_dtype,
                                    size)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             yield seq, frames, logits, time.perf_counter() - tick
+
+
+def protocol_sequences(davis_root, split="val"):
+    """The sequences of image set ``split`` with the DAVIS-2016 ground truth the protocol scores
+    (``ImageSets/2016`` of a DAVIS-2017 root, ``ImageSets/480p`` of the DAVIS-2016 release)."""
+    return davis_sequences(davis_root, split, 2016, masks="davis2016")
 
 
 def scored_frames(seq, task="unsupervised"):
@@ -124,7 +122,7 @@ def validate(model, sequences, clip_len=8, gap=5, amp_dtype=None, size=None):
     return summary(per_sequence)
 
 
-def evaluate_results(davis_root, results, split="val", year=2016, task="unsupervised"):
+def evaluate_results(davis_root, results, split="val", task="unsupervised"):
     """Score ``results`` (``<sequence>/<frame>.png``) against the DAVIS-2016 ground truth
     (``Annotations/480p`` binarised, either DAVIS layout).
 
@@ -132,15 +130,11 @@ def evaluate_results(davis_root, results, split="val", year=2016, task="unsuperv
     Returns (global_row, per_sequence_rows, per_sequence measures) as ``metrics.davis_scores``
     gives the first two.
     """
-    if int(year) != 2016:
-        raise ValueError(f"year {year}: only the DAVIS-2016 protocol (one salient object, masks "
-                         f"binarised with > 0) is implemented")
     results = Path(results)
     if not results.is_dir():
         raise MissingInput(f"no results folder {results}")
     per_sequence = {}
-    sequences = davis_sequences(davis_root, split, year, masks="davis2016")
-    for seq in progress(sequences, desc="score", leave=False):
+    for seq in progress(protocol_sequences(davis_root, split), desc="score", leave=False):
         if not (results / seq.name).is_dir():
             raise MissingInput(f"no results for sequence {seq.name!r}: no folder "
                                f"{results / seq.name}")
@@ -204,7 +198,8 @@ def dilation_maps(model, frames, clip_len=8, amp_dtype=None):
     maps = {name: torch.zeros(N, H, W) for name in layers}
     try:
         for index in clip_windows(N, clip_len, clip_len):
-            clip, (rows, cols) = pad_to_multiple(frames[index].transpose(0, 1)[None].to(device))
+            clip = rearrange(frames[index], "t c h w -> 1 c t h w").to(device)
+            clip, (rows, cols) = pad_to_multiple(clip)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 model(clip)
             for name, size in captured.items():
