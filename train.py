@@ -1,4 +1,4 @@
-"""Train the paper's model (SPEC §4), or a small one from scratch.
+"""Train the paper's model (docs/training.md), or a small one from scratch.
 
     python train.py                         # CPU: tiny preset; GPU: small preset (synthetic videos)
     python train.py --preset paper --data /data/DAVIS --backbone-weights weights/ir_csn_152.pt

@@ -7,8 +7,8 @@ Presets:
 - ``tiny``: the CPU default, a narrow ir-CSN trained from scratch on the synthetic set.
 - ``small``: the GPU default without backbone weights, a wider ir-CSN from scratch on larger
   synthetic frames.
-- ``paper``: the paper's recipe (SPEC §4): ir-CSN-152 from the VMZ weights, fine-tuned at lr 1e-5
-  on DAVIS-2017 train and validated on DAVIS-2016 val.
+- ``paper``: the paper's recipe (docs/training.md): ir-CSN-152 from the VMZ weights, fine-tuned
+  at lr 1e-5 on DAVIS-2017 train and validated on DAVIS-2016 val.
 """
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -84,7 +84,7 @@ PRESETS = {
                   epochs=12, loss="bce+lovasz", augment=True, replacement=False, workers=6,
                   checkpoint=False, autotune=False,
                   synthetic=dict(n_train=96, n_val=16, frames=24, height=128, width=224)),
-    # the paper's recipe (SPEC §4); backbone weights from the VMZ model zoo
+    # the paper's recipe (docs/training.md); backbone weights from the VMZ model zoo
     "paper": dict(backbone="ir_csn_152", mdim=256, batch_size=2, lr=1e-5, epochs=20,
                   step_epochs=10, gamma=0.1, loss="lovasz", size=(480, 854), checkpoint=True,
                   augment=False, replacement=True, workers=4),

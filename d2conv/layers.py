@@ -1,5 +1,6 @@
-"""Convolution layers on the kernels: D²Conv3D (SPEC §1.2) and deformable 3D convolution, and
-``convert_convs`` to put them in place of the plain Conv3d of an existing network."""
+"""Convolution layers on the kernels: D²Conv3D (docs/operators.md) and deformable 3D
+convolution, and ``convert_convs`` to put them in place of the plain Conv3d of an existing
+network."""
 import math
 
 import torch
@@ -77,7 +78,7 @@ class _SampledConv3d(nn.Module):
 
 
 class D2Conv3d(_SampledConv3d):
-    """Dynamic dilated 3D convolution (SPEC §1.2).
+    """Dynamic dilated 3D convolution (docs/operators.md).
 
     x: (N, Cin, T, H, W) -> (N, Cout, To, Ho, Wo). The predictor outputs G*c size channels
     (c = 1, 2, 2, 3 for mode x, xy, xxz, xyz) turned into scales by ``size_activation`` ("elu":

@@ -1,5 +1,5 @@
-"""Segmentation losses for training (SPEC §4): the Lovász hinge over all voxels of each clip, mean
-over the batch (the paper's loss), binary cross-entropy, and their sum as an option.
+"""Segmentation losses for training (docs/training.md): the Lovász hinge over all voxels of each
+clip, mean over the batch (the paper's loss), binary cross-entropy, and their sum as an option.
 
 Shapes: ``logits`` and ``target`` are (B, 1, T, H, W) (any shape with the batch first works);
 ``target`` holds 0/1; ``valid`` is a bool tensor of the same shape (or broadcastable to it) marking

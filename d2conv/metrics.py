@@ -1,7 +1,7 @@
-"""Evaluation metrics in numpy (SPEC §5): the DAVIS region (J) and boundary (F) measures with the
-per-sequence statistics (Mean, Recall, Decay) and the CSV files of the official DAVIS evaluation,
-a foreground IoU for validation during training, and MAE / max F-measure for saliency-style
-evaluation (FBMS, ViSal).
+"""Evaluation metrics in numpy (docs/davis.md): the DAVIS region (J) and boundary (F) measures
+with the per-sequence statistics (Mean, Recall, Decay) and the CSV files of the official DAVIS
+evaluation, the foreground IoU (J over every frame, as validation reports it), and MAE / max
+F-measure for saliency-style evaluation (FBMS, ViSal).
 
 Masks are numpy arrays (anything ``np.asarray`` takes, CPU torch tensors included) of shape (H, W)
 for one frame or (..., H, W) for a stack; they are binarised with ``!= 0`` (so bool, 0/1 and the

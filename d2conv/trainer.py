@@ -1,4 +1,4 @@
-"""Training (SPEC §4): the loop, validation, checkpoints, resume, DDP and logging.
+"""Training (docs/training.md): the loop, validation, checkpoints, resume, DDP and logging.
 
 One process per GPU under torchrun (DDP, rank 0 alone writes and prints), or a single process on
 a GPU or the CPU. The global batch is ``batch_size x world_size`` clips. ``last.pt`` and

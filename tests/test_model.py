@@ -1,4 +1,4 @@
-"""The encoder-decoder of SPEC §3: shapes at the paper's size (on the meta device), the
+"""The encoder-decoder (docs/model.md): shapes at the paper's size (on the meta device), the
 decoder variants of the paper's comparison, and a training step of the tiny model on CPU."""
 import pytest
 import torch

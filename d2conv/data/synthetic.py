@@ -1,4 +1,4 @@
-"""A procedural video dataset in the DAVIS layout (SPEC §6), small enough to train on a CPU.
+"""A procedural video dataset in the DAVIS layout (docs/davis.md), small enough to train on a CPU.
 
 Each video: a textured background seen through a slow camera pan; 1-3 salient objects
 (ellipses, rectangles, star polygons with their own texture, at least 13-18 % of the frame's

@@ -1,4 +1,4 @@
-"""YouTube-VOS sequences (SPEC §6): sparse annotations, every 5th frame.
+"""YouTube-VOS sequences (docs/davis.md): sparse annotations, every 5th frame.
 
     ROOT/<split>/JPEGImages/<vid>/00000.jpg 00005.jpg ...
     ROOT/<split>/Annotations/<vid>/00000.png 00005.png ...   palette PNGs, instance ids
