@@ -1,6 +1,6 @@
 """Compile the kernels for a GPU target without a GPU (Triton's bundled compiler) and print each
 config's registers, spills and shared memory: a quick check of a kernel edit on a CPU machine
-before device time is spent. Arguments are specialised as a launch specialises them
+before it runs on a GPU. Arguments are specialised as a launch specialises them
 (alignment and divisibility by 16, integers equal to 1 as constants): without that, loads
 compile scalar.
 
@@ -22,10 +22,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import backward, configs, forward
+from kernels import backward, configs, forward, settings
 from kernels.checks import check_args
 
-from test_kernels import SHAPES as BENCH_SHAPES     # bench/ is this script's directory
+from test_kernel_speed import SHAPES as BENCH_SHAPES     # bench/ is this script's directory
 
 # name: (N, C_in, C_out, T, H, W); "tiny" has 16 channels, enough for 16-byte channel vectors
 SHAPES = {**BENCH_SHAPES, "tiny": (1, 16, 16, 2, 4, 5)}
@@ -36,7 +36,7 @@ TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"
 def captured_launches(shape, dtype, mode="xyz", deterministic=False, pull=False):
     """(kernel name, jit function, args) of each launch of a forward and backward, captured;
     ``deterministic``: the backward of torch.use_deterministic_algorithms on a GPU; ``pull``:
-    with the pulled input gradient (D2CONV_INPUT_GRAD=pull, kernels/input_grad.py)."""
+    with the pulled input gradient (settings input_grad "pull", kernels/input_grad.py)."""
     N, C, Co, T, H, W = shape
     x = torch.zeros(N, C, T, H, W, dtype=dtype)
     coords = torch.ones(N, 3, T, H, W, dtype=dtype)
@@ -52,18 +52,15 @@ def captured_launches(shape, dtype, mode="xyz", deterministic=False, pull=False)
     real, real_deterministic = configs.launch, backward.deterministic
     configs.launch = launch
     backward.deterministic = lambda device: deterministic
-    saved_choice = os.environ.get("D2CONV_INPUT_GRAD")
-    os.environ["D2CONV_INPUT_GRAD"] = "pull" if pull else "scatter"
     try:
-        forward.d2conv_fwd(geo, x, coords, weight, None, mask, mode)
-        go = torch.zeros(N, Co, *geo.out, dtype=dtype)
-        backward.d2conv_bwd(geo, go, x, coords, weight, mask, mode, False, True, True, True, True)
+        with settings.override(input_grad="pull" if pull else "scatter"):
+            forward.d2conv_fwd(geo, x, coords, weight, None, mask, mode)
+            go = torch.zeros(N, Co, *geo.out, dtype=dtype)
+            backward.d2conv_bwd(geo, go, x, coords, weight, mask, mode, need_input=True,
+                                need_coords=True, need_weight=True, need_bias=False,
+                                need_mask=True)
     finally:
         configs.launch, backward.deterministic = real, real_deterministic
-        if saved_choice is None:
-            del os.environ["D2CONV_INPUT_GRAD"]
-        else:
-            os.environ["D2CONV_INPUT_GRAD"] = saved_choice
     return seen
 
 
@@ -156,7 +153,7 @@ def main():
     p.add_argument("--pull", action="store_true",
                    help="the backward with the pulled input gradient (BWD_INPUT, no atomics)")
     a = p.parse_args()
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if settings.interpreting():
         sys.exit("compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     for name_of_dtype in a.dtype:
         torch.backends.cuda.matmul.allow_tf32 = name_of_dtype == "float32-tf32"

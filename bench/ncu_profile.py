@@ -6,7 +6,7 @@
 
 Runs itself under `ncu` (clocks not locked, so times are the card's own): a warm-up that
 compiles, then one forward+backward of each op inside cudaProfilerStart/Stop. Kernel configs are
-the first candidates of kernels/configs.py (D2CONV_AUTOTUNE=0), the autotuner's pick at rf2.
+the first candidates of kernels/configs.py (autotuning off), the autotuner's pick at rf2.
 Prints one row per kernel longer than 20 us; TFLOP/s are the convolution's 2·M·C·Co·27 over
 the time of d2conv3d's forward and of each of cuDNN's three kernels (d2conv3d's backward is
 its data kernel between cuBLAS GEMMs, a pair per few kernel points: those rows are chunks).
@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))     # for test_kernels
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))     # for test_kernel_speed
 
 WANTED = [  # (column, metric); metrics this ncu does not know are left out with a notice
     ("ms", "gpu__time_duration.sum"),
@@ -48,10 +48,13 @@ SCALE = {"ms": 1e-6, "L2 GB": 1e-9, "DRAM GB": 1e-9, "Ginst": 1e-9}   # ncu base
 
 
 def run_ops(shape, dtype_name, ops):
-    """The warm-up, then one profiled forward+backward of each op (bench/test_kernels.py's)."""
+    """The warm-up, then one profiled forward+backward of each op (bench/test_kernel_speed.py's)."""
     import torch
 
-    from test_kernels import DTYPES, SHAPES, make, timed
+    from kernels import settings
+    from test_kernel_speed import DTYPES, SHAPES, make, timed
+
+    settings.configure(autotune=False)
 
     tf32 = dtype_name == "float32-tf32"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
@@ -79,7 +82,7 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--ncu", default=os.environ.get("NCU", "ncu"))
     parser.add_argument("--ops", default="dense,d2conv3d",
-                        help="ops of bench/test_kernels.py, in this order")
+                        help="ops of bench/test_kernel_speed.py, in this order")
     parser.add_argument("--out", help="also write ncu's raw CSV here")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -96,12 +99,11 @@ def main():
             continue
         columns.append(column)
         metrics.append(metric)
-    env = dict(os.environ, D2CONV_AUTOTUNE="0")
     cmd = [args.ncu, "--profile-from-start", "off", "--clock-control", "none", "--csv",
            "--print-units", "base", "--metrics", ",".join(metrics), sys.executable,
            os.path.abspath(__file__), "--inner", "--shape", args.shape, "--dtype", args.dtype,
            "--ops", args.ops]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True)
     text = done.stdout[done.stdout.find('"ID"'):]
     if done.returncode or not text:
         sys.exit(f"ncu failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -117,7 +119,7 @@ def main():
         except ValueError:
             pass
 
-    from test_kernels import SHAPES
+    from test_kernel_speed import SHAPES
     N, C, Co, T, H, W = SHAPES[args.shape]
     flops = 2 * N * T * H * W * C * Co * 27
     header = ["kernel"] + columns + ["TFLOP/s"]

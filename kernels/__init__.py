@@ -1,4 +1,5 @@
-"""Deformable and dynamic-dilated 3D convolutions (SPEC §1), forward and backward in Triton.
+"""Deformable and dynamic-dilated 3D convolutions (docs/operators.md), forward and backward in
+Triton.
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the same kernels under the Triton
 interpreter when TRITON_INTERPRET=1 is set, and the PyTorch reference (``kernels.naive``)
@@ -6,11 +7,10 @@ otherwise. Eager calls go through ``ops.Conv3dFunction``; torch.compile and meta
 the ``torch.ops.d2conv`` custom ops (same kernels). Under ``torch.autocast`` every tensor
 argument is cast to the autocast dtype, so the kernels run in bf16/fp16 on the tensor cores.
 """
-import os
-
 import torch
 
-from . import naive, ops  # ops registers torch.ops.d2conv.* (Triton is imported on first use)
+# ops registers torch.ops.d2conv.* (Triton is imported on first use)
+from . import naive, ops, settings
 from .checks import SIZE_CHANNELS, check_args
 from .naive import offsets_from_size
 from .settings import set_autotune
@@ -20,8 +20,7 @@ __all__ = ["deform_conv3d", "d2conv3d", "offsets_from_size", "set_autotune", "SI
 
 def _use_triton(input):
     # meta tensors take the custom op too: its fake implementation gives the output's shape
-    return (input.is_cuda or input.device.type == "meta"
-            or os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return input.is_cuda or input.device.type == "meta" or settings.interpreting()
 
 
 def _autocast(*tensors):

@@ -12,18 +12,16 @@ columns of the forward, and gcol = grad_out @ Wt, their gradient:
     col          = A[:, points]       (overwriting gcol in place, tile by tile, once read)
   grad_weight[points] = col^T @ grad_out   (GEMM);  grad_bias = sum_m grad_out
 The columns are gathered once, by the kernel that already loads their corners, and both
-products run on cuBLAS (bench/NOTES.md, session 10). In deterministic mode (D²Conv modes), or
-with D2CONV_INPUT_GRAD=pull, the input gradient is made instead, from the same column gradient and
+products run on cuBLAS (docs/design.md#data-kernel). In deterministic mode (D²Conv modes), or with
+settings.input_grad() "pull", the input gradient is made instead, from the same column gradient and
 before the data kernel overwrites it, by kernels/input_grad.py without atomics.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from . import configs, input_grad
-from .forward import kernel_args
+from . import configs, input_grad, settings
+from .launch import LaunchGeometry, channels_last, weight_tiles
 from .sampling import (class_point, class_points, gather_dot, gather_tile, kernel_point,
                        load_sizes, scatter_tile)
 
@@ -164,17 +162,12 @@ d2conv_bwd_data_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": configs.pruner("BWD_DATA")})(d2conv_bwd_data_kernel)
 
 
-# bytes of columns per data-kernel launch (the column gradient, overwritten by the sampled
-# columns; at least one kernel point's; environment D2CONV_GCOL_MIB). Fewer launches are faster
-# (rf2, bf16, H100, one kernel point is 25 MiB: 27 launches 4.80 ms, 14 3.93, 6 3.40, 1 3.17,
-# session 9, before the weight GEMM) but hold more memory: with 128 MiB rf2's extra peak is
-# predicted at ~210 MiB, dense cuDNN's 157 (bench/NOTES.md, session 9)
-GCOL_BUDGET = int(os.environ.get("D2CONV_GCOL_MIB", "128")) * 2**20
-
-
 def points_per_launch(M, C, K, itemsize):
-    """Kernel points per data-kernel launch: as many as GCOL_BUDGET holds, at least one."""
-    return max(1, min(K, GCOL_BUDGET // (M * C * itemsize)))
+    """Kernel points per data-kernel launch: as many as settings.gcol_bytes() of columns hold (at
+    least one). Fewer launches are faster but hold more memory: at rf2 in bf16 one kernel
+    point's columns are 25 MiB; 128 MiB, the default, keeps the backward's extra peak near dense
+    cuDNN's (docs/design.md#column-gradient-in-chunks)."""
+    return max(1, min(K, settings.gcol_bytes() // (M * C * itemsize)))
 
 
 def deterministic(device):
@@ -206,29 +199,32 @@ def fixed_point_scale(go, weight, mask, samples):
     return torch.exp2(exponent).reshape(1)
 
 
-def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
-               need_input, need_coords, need_mask, need_weight):
-    """Gradients of deform_conv3d / d2conv3d.
-
-    Returns (grad_input, grad_coords, grad_mask, grad_weight, grad_bias); a gradient that is not
-    needed (or has no input, as grad_bias without bias) is None. See ``deterministic`` for
-    ``torch.use_deterministic_algorithms(True)``; the module's docstring for the steps.
+def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, *, need_input, need_coords,
+               need_weight, need_bias, need_mask):
+    """Gradients of deform_conv3d / d2conv3d, in the order of the op's arguments:
+    (grad_input, grad_coords, grad_weight, grad_bias, grad_mask). A gradient that is not asked
+    for (or has no argument: grad_mask without a mask) is None; grad_bias is the sum of grad_out.
+    See ``deterministic`` for ``torch.use_deterministic_algorithms(True)``; the module's docstring
+    for the steps.
     """
-    args, x_cl, w_r = kernel_args(geo, input, coords, weight, mask, mode, backward=True)
+    shape = LaunchGeometry.of(geo, mode, coords, mask, input.dtype)
     dev, dtype = input.device, input.dtype
+    x_cl = channels_last(input)
+    w_r = weight_tiles(weight, geo.groups)          # (groups, K, Cg, Cog)
+    coords = coords.contiguous()
+    mask = mask.contiguous() if mask is not None else None
     # the pulled input gradient has no atomics: deterministic without fixed point
     reproducible = deterministic(dev)
-    bounds = (input_grad.choose(mode, reproducible, args["coord_ptr"], geo)
-              if need_input else None)
+    bounds = input_grad.choose(mode, reproducible, coords, geo) if need_input else None
     pull = bounds is not None
     scatter = need_input and not pull       # by the data kernel's atomics
     fixed_point = scatter and reproducible
-    go = grad_out.permute(0, 2, 3, 4, 1).contiguous()
+    go = channels_last(grad_out)
     N, C, T, H, W = input.shape
     groups, K, Cg, Cog = w_r.shape
-    M = args["M"]
+    M = shape.M
     go_g = go.view(M, groups, Cog).transpose(0, 1)          # (groups, M, Cog)
-    grad_input = grad_coords = grad_mask = grad_weight = grad_bias = None
+    grad_input = grad_coords = grad_weight = grad_bias = grad_mask = None
     need_mask = need_mask and mask is not None
     need_gcol = need_input or need_coords or need_mask      # the column gradient is read
 
@@ -238,15 +234,16 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
                           dtype=torch.int64 if fixed_point else torch.float32,
                           memory_format=torch.channels_last_3d).zero_() if need_input else None)
         # sizes are summed over kernel points, across launches when there are several: fp32
-        gcoord = (torch.empty_like(args["coord_ptr"],
-                                   dtype=torch.float32 if mode != "offset" else None)
+        gcoord = (torch.empty_like(coords, dtype=torch.float32 if mode != "offset" else None)
                   if need_coords else None)
-        gmask = torch.empty_like(args["mask_ptr"]) if need_mask else None
+        gmask = torch.empty_like(mask) if need_mask else None
         gw = torch.empty((groups, K, Cg, Cog), device=dev, dtype=dtype) if need_weight else None
         unused = torch.empty(1, device=dev, dtype=torch.float32)
         # read by the kernel only in fixed point
         gx_scale = fixed_point_scale(go, weight, mask, M * K) if fixed_point else unused
-        data_args = dict(args, gx_ptr=gx if need_input else unused, gx_scale_ptr=gx_scale,
+        data_args = dict(shape.args(), x_ptr=x_cl, coord_ptr=coords,
+                         mask_ptr=mask if mask is not None else x_cl,
+                         gx_ptr=gx if need_input else unused, gx_scale_ptr=gx_scale,
                          gcoord_ptr=gcoord if need_coords else unused,
                          gmask_ptr=gmask if need_mask else unused,
                          NEED_INPUT=scatter, NEED_COORD=need_coords, NEED_MASK=need_mask,
@@ -265,7 +262,7 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
             else:
                 col = torch.empty((groups, M, kc * Cg), device=dev, dtype=dtype)
             if pull:        # before the data kernel overwrites col with the columns
-                input_grad.launch(args, col, gx, bounds, k0, kc)
+                input_grad.launch(shape, coords, mask, col, gx, bounds, k0, kc)
             data_args.update(col_ptr=col, K_FIRST=k0, KC=kc, COL_M=kc * Cg, COL_G=M * kc * Cg)
             if run_data_kernel:
                 configs.launch(d2conv_bwd_data_kernel, d2conv_bwd_data_tuned, "BWD_DATA", grid,
@@ -281,6 +278,6 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, has_bias,
         grad_mask = gmask
         if need_weight:
             grad_weight = gw.permute(0, 3, 2, 1).reshape(weight.shape).contiguous()
-    if has_bias:
+    if need_bias:
         grad_bias = go.view(M, geo.Co).sum(0, dtype=torch.float32).to(dtype)
-    return grad_input, grad_coords, grad_mask, grad_weight, grad_bias
+    return grad_input, grad_coords, grad_weight, grad_bias, grad_mask

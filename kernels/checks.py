@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-# D²Conv modes (SPEC §1.2): which size channel scales the t, y and x axis (None: scale 1)
+# D²Conv modes (docs/operators.md): which size channel scales the t, y and x axis (None: scale 1)
 SIZE_AXES = {"x": (None, 0, 0), "xy": (None, 0, 1), "xxz": (0, 1, 1), "xyz": (0, 1, 2)}
 # number of size channels per offset group, by mode
 SIZE_CHANNELS = {mode: 1 + max(axes[1:]) for mode, axes in SIZE_AXES.items()}
@@ -47,7 +47,8 @@ class ConvGeometry:
 
 
 def output_size(in_size, kernel, stride, padding, dilation):
-    """(To, Ho, Wo) of SPEC §1.1."""
+    """(To, Ho, Wo): the output size of a convolution with these kernel, stride, padding and
+    dilation."""
     return tuple((i + 2 * p - d * (k - 1) - 1) // s + 1
                  for i, k, s, p, d in zip(in_size, kernel, stride, padding, dilation))
 

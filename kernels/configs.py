@@ -6,18 +6,10 @@ so a new video size reuses the tuned config of its bucket. Triton adds the tenso
 data kernel's key (``DATA_KEY``) also holds which gradients a launch computes; the pull's
 (``INPUT_GRAD_KEY``) drops what its kernel does not take.
 
-Environment:
-  D2CONV_AUTOTUNE=0          use each kernel's default config (no tuning); always the case under
-                             the Triton interpreter, where autotuning cannot run. Code sets it
-                             with kernels.set_autotune (kernels/settings.py), which wins.
-  D2CONV_CONFIG_<KERNEL>=... pin one config for one kernel (FWD, BWD_DATA, BWD_INPUT), e.g.
-                             D2CONV_CONFIG_FWD="BLOCK_M=64,BLOCK_N=128,BLOCK_C=32,num_warps=4,num_stages=2"
-                             (maxnreg=N caps the registers per thread)
-  D2CONV_GCOL_MIB=128        the most memory (MiB) the backward's columns (their gradient, then
-                             the sampled columns) take at a time (kernels/backward.py)
+``kernels.settings`` turns tuning off (each kernel's first candidate of its class is launched)
+or pins one config of a kernel. The Triton interpreter cannot tune: it runs ``INTERPRETER``'s
+small configs.
 """
-import os
-
 import torch
 import triton
 
@@ -49,10 +41,10 @@ def _cfg(num_warps, num_stages, maxnreg=None, **meta):
 
 
 # candidates per precision class, kept short: every config is a 4-20 s compile. Ordered by
-# their time at rf2 on an H100 (bench/ablate.py, bench/NOTES.md), but for the last 16-bit one of
-# the forward, the best at the early shape (64 channels; the data kernel's first is best there
-# and within 1% of the best at rf2); the first of a class is what
-# D2CONV_AUTOTUNE=0 launches. "16-bit": bf16/fp16 on tensor cores; "tf32": fp32 inputs with TF32
+# their time at rf2 on an H100 (bench/ablate.py, 2026-11-24; docs/design.md#autotuning), but for
+# the last 16-bit one of the forward, the best at the early shape (64 channels; the data
+# kernel's first is best there and within 1% of the best at rf2); the first of a class is what
+# launches with autotuning off. "16-bit": bf16/fp16 on tensor cores; "tf32": fp32 inputs with TF32
 # allowed (tiles twice the bytes: smaller channel blocks); "tf32x3": strict fp32 on the tensor
 # cores (three TF32 products, more registers); "ieee": strict fp32, whose tl.dot is FMA code
 # without tensor cores (small tiles, or the unrolled product spills).
@@ -71,12 +63,12 @@ FWD = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64),
 # the data kernel has no product of its own (its column gradient comes from a GEMM before it):
 # its classes differ by the bytes of the gathered input only. It lives on the loads in flight
 # per SM: capped at 168 registers, 4-warp programs run 3 to an SM instead of 2. In 64-voxel
-# tiles (112 B of spills) that ran 6% faster at rf2 and 9% at early on an H200 (bench/NOTES.md,
-# session 11); in 32-voxel tiles (no spills) the whole backward at rf2 took 3.05 ms against
-# 3.76 (session 13). Capped at 128 the 64-voxel tile gains nothing; caps slow the fp32 tiles: the
-# capped 32x16 tile made the whole fp32 backward 1 ms slower (rf2: TF32 6.74 against 5.75 ms,
-# strict 13.26 against 12.31, session 14), though the autotuner, timing the kernel alone, took it
-# in strict fp32
+# tiles (112 B of spills) that ran 6% faster at rf2 and 9% at early on an H200 (2026-12-01);
+# in 32-voxel tiles (no spills) the whole backward at rf2 took 3.05 ms against 3.76 (H200,
+# 2026-12-02; docs/design.md#register-caps). Capped at 128 the 64-voxel tile gains nothing; caps
+# slow the fp32 tiles: the capped 32x16 tile made the whole fp32 backward 1 ms slower (rf2: TF32
+# 6.74 against 5.75 ms, strict 13.26 against 12.31, H200, 2026-12-02), though the autotuner,
+# timing the kernel alone, took it in strict fp32
 BWD_DATA = {"16-bit": [_cfg(4, 1, maxnreg=168, BLOCK_M=32, BLOCK_C=16),
                        _cfg(4, 1, maxnreg=168, BLOCK_M=64, BLOCK_C=16),
                        _cfg(4, 1, BLOCK_M=64, BLOCK_C=16),
@@ -88,7 +80,7 @@ BWD_DATA["tf32"] = BWD_DATA["tf32x3"] = BWD_DATA["ieee"] = [
     _cfg(4, 1, BLOCK_M=64, BLOCK_C=16)]
 # the pulled input gradient (kernels/input_grad.py; deterministic mode's): bricks of BZ x BY x BX
 # input voxels, BLOCK_P candidate outputs a step; the fp32 accumulator is BZ*BY*BX*BLOCK_C /
-# (32 * num_warps) registers a thread. On an H200 (bf16, session 12) the first ran rf2 in 2.39 ms
+# (32 * num_warps) registers a thread. On an H200 (bf16, 2026-12-01) the first ran rf2 in 2.39 ms
 # (64-wide steps 2.53; bricks of 2x16x16 or 4x8x16 over 3 ms), the second early in 9.28 (2x8x8
 # bricks with 64-wide steps 11.7: early's 8 frames do not bound the window in t as rf2's 4 do).
 # 4x8x8 bricks with 128 channels ran rf2 in 2.59 but spill 432 B. The fp32 ones are untimed guesses
@@ -165,21 +157,18 @@ def _parse(text, kernel):
         name, _, value = item.partition("=")
         name = name.strip()
         if not value.strip().isdigit():
-            raise ValueError(f"D2CONV_CONFIG_{kernel}: cannot read {item!r} (want NAME=INT,...)")
+            raise ValueError(f"{settings.variable('config_' + kernel.lower())}: cannot read "
+                             f"{item!r} (want NAME=INT,...)")
         (launch if name in _LAUNCH else meta)[name] = int(value)
     return triton.Config(meta, **launch)
 
 
-def interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def pinned(kernel, args):
     """The config to launch ``kernel`` with when not autotuning, else None."""
-    text = os.environ.get(f"D2CONV_CONFIG_{kernel}")
+    text = settings.pinned_config(kernel)
     if text:
         return _parse(text, kernel)
-    if interpreting():
+    if settings.interpreting():
         return INTERPRETER[kernel]
     if not settings.autotune():
         return _fit(CANDIDATES[kernel][precision_class(args)][0], args)

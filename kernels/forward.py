@@ -5,15 +5,12 @@ come from the size map inside the kernel).
     out[m, o] = bias[o] + sum_{k, c} A[m, (k, c)] * Wt[(k, c), o]
     A[m, (k, c)] = mask[m, k, g(c)] * trilinear(input[n(m), c], position(m, k, g(c)))
 """
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from . import configs
-from .checks import SIZE_AXES
+from .launch import LaunchGeometry, channels_last, weight_tiles
 from .sampling import class_point, class_points, gather_tile, kernel_point, load_sizes
 
 
@@ -94,77 +91,28 @@ d2conv_fwd_tuned = triton.autotune(configs.all_candidates("FWD"), key=configs.KE
     d2conv_fwd_kernel)
 
 
-def dot_precision(dtype):
-    """tl.dot's input_precision for fp32 inputs: "tf32" when PyTorch allows TF32 for matmuls
-    (``torch.backends.cuda.matmul.allow_tf32``, or a float32 matmul precision other than
-    "highest"), like the backward's cuBLAS GEMMs. Otherwise fp32 accuracy: "ieee" (FMA code on
-    the CUDA cores, the faster of two ways on an H100: bench/NOTES.md), or "tf32x3" (three TF32
-    products per product on the tensor cores, as accurate: bench/precision.py) when
-    D2CONV_FP32_DOT=tf32x3. Irrelevant for 16-bit inputs."""
-    if dtype != torch.float32:
-        return "ieee"
-    if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    strict = os.environ.get("D2CONV_FP32_DOT", "")
-    if strict not in ("", "ieee", "tf32x3"):
-        raise ValueError(f"D2CONV_FP32_DOT must be 'ieee' or 'tf32x3', got {strict!r}")
-    return strict or "ieee"
-
-
-def kernel_args(geo, input, coords, weight, mask, mode, backward=False):
-    """Arguments shared by the forward and the backward's data kernel (``backward``), and the
-    channels-last input / reshaped weight.
-
-    Returns (args, x_cl, w_r): x_cl (N, T, H, W, C); w_r (groups, K, Cg, Cog), or (groups, K,
-    Cog, Cg) for a forward with TF32 products (``args["W_C_MAJOR"]``, see ``d2conv_fwd``).
-    """
-    N, C, T, H, W = input.shape
-    To, Ho, Wo = geo.out
-    Co, K, groups, G = geo.Co, geo.K, geo.groups, geo.offset_groups
-    Cg, Cog, Cpg = C // groups, Co // groups, C // G
-    M = N * To * Ho * Wo
-    x_cl = input.permute(0, 2, 3, 4, 1).contiguous()
-    precision = dot_precision(input.dtype)
-    # TF32 tensor-core products in the forward take the weight tile with its reduction axis
-    # (input channels) contiguous, else Triton transposes each tile through shared memory (rf2,
-    # H100: 5.4 -> 2.6 ms); 16-bit and FMA products keep the layout they were tuned with (Cog
-    # contiguous), and so does the backward (its GEMMs take it either way)
-    w_c_major = not backward and precision in ("tf32", "tf32x3")    # never for 16-bit dtypes
-    w_r = weight.reshape(groups, Cog, Cg, K)
-    w_r = (w_r.permute(0, 3, 1, 2) if w_c_major else w_r.permute(0, 3, 2, 1)).contiguous()
-    axes = (-1, -1, -1) if mode == "offset" else tuple(-1 if a is None else a for a in SIZE_AXES[mode])
-    args = dict(
-        x_ptr=x_cl, coord_ptr=coords.contiguous(),
-        mask_ptr=mask.contiguous() if mask is not None else x_cl,
-        M=M, C=C, T=T, H=H, W=W, To=To, Ho=Ho, Wo=Wo, Co=Co, Cg=Cg, Cog=Cog, Cpg=Cpg,
-        SEG=math.gcd(Cg, Cpg), G=G, COORD_CH=coords.shape[1],
-        M_BUCKET=triton.next_power_of_2(M),
-        KD=geo.kernel[0], KH=geo.kernel[1], KW=geo.kernel[2],
-        SD=geo.stride[0], SH=geo.stride[1], SW=geo.stride[2],
-        PD=geo.padding[0], PH=geo.padding[1], PW=geo.padding[2],
-        DD=geo.dilation[0], DH=geo.dilation[1], DW=geo.dilation[2],
-        IS_OFFSET=mode == "offset", SZ_CH=axes[0], SY_CH=axes[1], SX_CH=axes[2],
-        HAS_MASK=mask is not None, DOT_PRECISION=precision,
-    )
-    if not backward:
-        args["W_C_MAJOR"] = w_c_major
-    return args, x_cl, w_r
-
-
 def d2conv_fwd(geo, input, coords, weight, bias, mask, mode):
     """Forward of deform_conv3d (mode "offset") / d2conv3d; returns (N, Co, To, Ho, Wo) in the
     channels_last_3d memory format."""
-    args, x_cl, w_r = kernel_args(geo, input, coords, weight, mask, mode)
+    shape = LaunchGeometry.of(geo, mode, coords, mask, input.dtype)
+    # TF32 tensor-core products take the weight tile with its reduction axis (input channels)
+    # contiguous, else Triton transposes each tile through shared memory (rf2, H100: 5.4 -> 2.6
+    # ms); 16-bit and FMA products keep the layout they were tuned with (Cog contiguous)
+    w_c_major = shape.precision in ("tf32", "tf32x3")      # never for 16-bit dtypes
+    x_cl = channels_last(input)
+    w_r = weight_tiles(weight, geo.groups, c_major=w_c_major)
     # channels-last memory, (N, To, Ho, Wo, Co) in the kernel's eyes; a tensor, not a view, so
     # that callers may modify it in place (an inplace ReLU after the op)
     out = torch.empty((input.shape[0], geo.Co, *geo.out), device=input.device, dtype=input.dtype,
                       memory_format=torch.channels_last_3d)
-    args.update(w_ptr=w_r, b_ptr=bias if bias is not None else w_r, out_ptr=out,
-                HAS_BIAS=bias is not None)
+    args = dict(shape.args(), x_ptr=x_cl, coord_ptr=coords.contiguous(),
+                mask_ptr=mask.contiguous() if mask is not None else x_cl, w_ptr=w_r,
+                b_ptr=bias if bias is not None else w_r, out_ptr=out,
+                HAS_BIAS=bias is not None, W_C_MAJOR=w_c_major)
 
     def grid(meta):
-        return (triton.cdiv(args["M"], meta["BLOCK_M"]),
-                geo.groups * triton.cdiv(args["Cog"], meta["BLOCK_N"]))
+        return (triton.cdiv(shape.M, meta["BLOCK_M"]),
+                geo.groups * triton.cdiv(shape.Cog, meta["BLOCK_N"]))
 
     configs.launch(d2conv_fwd_kernel, d2conv_fwd_tuned, "FWD", grid, args)
     return out

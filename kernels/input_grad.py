@@ -13,17 +13,14 @@ gradient: the scatter becomes a small matrix multiply on the tensor cores, each 
 written by one program, and the result does not depend on any order (deterministic). The cost
 grows with the spread of the sizes (the window); free offsets have no such bound and keep the
 scatter. At rf2 (bf16, H200, sizes in [0.5, 3]) it takes 2.4 ms with the column-gradient GEMMs,
-against 2.3 for the fp32 scatter and ~10.5 for the fixed-point one (bench/NOTES.md, session 12):
-the default in deterministic mode only (``choose``).
+against 2.3 for the fp32 scatter and ~10.5 for the fixed-point one (measured 2026-12-01,
+docs/design.md#pulled-input-gradient): the default in deterministic mode only (``choose``).
 """
-import inspect
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from . import configs
+from . import configs, settings
 from .checks import SIZE_CHANNELS
 from .sampling import load_sizes, size_delta
 
@@ -72,14 +69,15 @@ def d2conv_input_grad_kernel(
     col_ptr,     # (groups, M, KC, Cg): the column gradient of kernel points K_FIRST.. (read)
     gx_ptr,      # fp32 (N, T, H, W, C): accumulated (each element by one program)
     bounds_ptr,  # fp32 (NS, 2): the smallest and largest size of each size channel
-    C, T, H, W, To, Ho, Wo, Cg, Cpg, SEG, G, COORD_CH,
+    # LaunchGeometry.args() (M, Co, Cog and IS_OFFSET unused: no output-channel axis, no offsets)
+    M, C, T, H, W, To, Ho, Wo, Co, Cg, Cog, Cpg, SEG, G, COORD_CH,
     M_BUCKET,                       # read by the autotuner's key only
     K_FIRST, KC, COL_M, COL_G,      # this launch's kernel points; col's strides (voxel, group)
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    SZ_CH: tl.constexpr, SY_CH: tl.constexpr, SX_CH: tl.constexpr,
+    IS_OFFSET: tl.constexpr, SZ_CH: tl.constexpr, SY_CH: tl.constexpr, SX_CH: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BZ: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -173,7 +171,7 @@ d2conv_input_grad_tuned = triton.autotune(
 # the pull's window grows with the spread of the sizes (hi - lo, times the dilation and the
 # kernel's half width): its work goes as the product over the axes of (brick + 1 + spread). At
 # sizes in [0.5, 3] (spread 2.5) it took 2.4 ms at rf2 against ~10.5 for the fixed-point scatter
-# of deterministic mode (bf16, H200, session 12); by that model it stays ahead up to a spread of
+# of deterministic mode (bf16, H200, 2026-12-01); by that model it stays ahead up to a spread of
 # about 8 (modelled, not measured)
 AUTO_MAX_SPREAD = 8.0
 
@@ -186,15 +184,14 @@ def capturing(tensor):
 def choose(mode, deterministic, coords, geo):
     """Whether to pull the input gradient: its size bounds (size_bounds), or None to scatter.
 
-    D2CONV_INPUT_GRAD=pull or scatter decides; unset (or auto) the pull is taken in deterministic
-    mode, whose scatter needs int64 fixed point (whole backward at rf2 2.9x slower in session 12,
-    1.7x with session 13's data-kernel tiles pinned: bench/NOTES.md), unless the sizes spread
-    wider than AUTO_MAX_SPREAD (read with one host sync; not while a CUDA graph is being
-    captured, where the pull is taken: right for any spread, only slower). Free offsets have no
+    settings.input_grad() (D2CONV_INPUT_GRAD) "pull" or "scatter" decides; "auto" takes the pull
+    in deterministic mode, whose scatter needs int64 fixed point (the whole backward at rf2, bf16,
+    H200 on 2026-12-02: 7.92 ms against 4.64 with the pull, 3.12 for the plain backward;
+    docs/design.md#deterministic-mode), unless the sizes spread wider than AUTO_MAX_SPREAD (read
+    with one host sync; not while a CUDA graph is being captured, where the pull is taken: right
+    for any spread, only slower). Free offsets have no
     window: always the scatter."""
-    choice = os.environ.get("D2CONV_INPUT_GRAD", "auto")
-    if choice not in ("auto", "scatter", "pull"):
-        raise ValueError(f"D2CONV_INPUT_GRAD must be 'auto', 'scatter' or 'pull', got {choice!r}")
+    choice = settings.input_grad()
     if mode == "offset" or choice == "scatter" or (choice == "auto" and not deterministic):
         return None
     bounds = size_bounds(coords, geo.offset_groups, SIZE_CHANNELS[mode])
@@ -212,26 +209,19 @@ def size_bounds(coords, offset_groups, size_channels):
     return torch.stack([sizes.amin(1), sizes.amax(1)], dim=1).contiguous()
 
 
-# the brick kernel's parameter names, read once (jit or interpreted)
-_PARAMS = tuple(inspect.signature(d2conv_input_grad_kernel.fn).parameters)
-
-
-def launch(args, col, gx, bounds, k_first, kc):
+def launch(shape, coords, mask, col, gx, bounds, k_first, kc):
     """Add the input gradient of kernel points k_first .. k_first+kc-1 into gx.
 
-    args: the data kernel's arguments (forward.kernel_args); col (groups, M, kc*Cg) their column
+    shape: the call's LaunchGeometry; coords, mask contiguous; col (groups, M, kc*Cg) their column
     gradient; gx fp32 channels-last (N, T, H, W, C); bounds from size_bounds."""
-    # the kernel's parameters that the data kernel shares (the others are set here, or are
-    # the config's)
-    pull_args = {name: args[name] for name in _PARAMS if name in args}
-    pull_args.update(col_ptr=col, gx_ptr=gx, bounds_ptr=bounds, K_FIRST=k_first, KC=kc,
-                     COL_M=kc * args["Cg"], COL_G=args["M"] * kc * args["Cg"])
-    N = args["M"] // (args["To"] * args["Ho"] * args["Wo"])
+    geo = shape.geo
+    args = dict(shape.args(), coord_ptr=coords, mask_ptr=mask if mask is not None else coords,
+                col_ptr=col, gx_ptr=gx, bounds_ptr=bounds, K_FIRST=k_first, KC=kc,
+                COL_M=kc * shape.Cg, COL_G=shape.M * kc * shape.Cg)
 
     def grid(meta):
-        return (N * triton.cdiv(args["T"], meta["BZ"]) * triton.cdiv(args["H"], meta["BY"])
-                * triton.cdiv(args["W"], meta["BX"]),
-                args["C"] // args["SEG"] * triton.cdiv(args["SEG"], meta["BLOCK_C"]))
+        return (geo.N * triton.cdiv(geo.T, meta["BZ"]) * triton.cdiv(geo.H, meta["BY"])
+                * triton.cdiv(geo.W, meta["BX"]),
+                geo.C // shape.SEG * triton.cdiv(shape.SEG, meta["BLOCK_C"]))
 
-    configs.launch(d2conv_input_grad_kernel, d2conv_input_grad_tuned, "BWD_INPUT", grid,
-                   pull_args)
+    configs.launch(d2conv_input_grad_kernel, d2conv_input_grad_tuned, "BWD_INPUT", grid, args)

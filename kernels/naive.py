@@ -1,10 +1,10 @@
-"""Vectorised PyTorch reference of SPEC §1 (never imports Triton).
+"""Vectorised PyTorch reference of the operators (docs/operators.md; never imports Triton).
 
 It is the CPU implementation (what a CPU user trains with) and, run in float64, the reference
 the Triton kernels are tested against. It materialises the sampled columns (N, C, K, To*Ho*Wo),
 so it is memory hungry: fine for tests and small CPU models, not for the paper's shapes.
 
-Autograd through it gives exactly the gradient convention of SPEC §1.1: ``floor`` has no
+Autograd through it gives exactly the gradient convention of docs/operators.md: ``floor`` has no
 gradient, so the derivative is taken with the corner held fixed (the right derivative at integer
 coordinates) and corners outside the volume contribute nothing.
 """

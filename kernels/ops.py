@@ -2,8 +2,9 @@
 fake (meta) implementations and autograd), which torch.compile traces without graph breaks, and
 as a plain autograd.Function for eager calls, which skips the dispatcher's per-call cost (on a
 CPU with the launches stubbed out: 0.35 -> 0.17 ms of host time per forward+backward; on an H100
-at the rf3 shape 0.12-0.50 ms less per forward+backward: bench/NOTES.md, sessions 7 and 8). It
-matters for small shapes, where the host's cost rivals the GPU's.
+at the rf3 shape 0.12-0.50 ms less per forward+backward, 2026-11-25: see
+docs/design.md#eager-calls-and-the-custom-op). It matters for small shapes, where the host's
+cost rivals the GPU's.
 
 ``coords`` is the offset tensor when ``mode == "offset"`` (deform_conv3d) and the size map of a
 D²Conv mode otherwise. Triton is imported on first use, so importing this module (and the
@@ -14,13 +15,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import settings
 from .checks import check_args
 
 
 def _require_triton(input):
-    from .configs import interpreting
-
-    if not (input.is_cuda or interpreting()):
+    if not (input.is_cuda or settings.interpreting()):
         raise RuntimeError("d2conv::conv3d runs Triton kernels: it needs CUDA tensors, or "
                            "TRITON_INTERPRET=1 for CPU tensors (the kernels.* functions fall back "
                            "to the PyTorch reference on CPU by themselves)")
@@ -56,12 +56,11 @@ def conv3d_backward(grad_out: Tensor, input: Tensor, coords: Tensor, weight: Ten
     from .backward import d2conv_bwd
 
     geo = check_args(input, coords, weight, None, stride, padding, dilation, mask, groups, mode)
-    grads = d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, need_bias,
-                       need_input, need_coords, need_mask, need_weight)
-    grad_input, grad_coords, grad_mask, grad_weight, grad_bias = grads
+    grads = d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, need_input=need_input,
+                       need_coords=need_coords, need_weight=need_weight, need_bias=need_bias,
+                       need_mask=need_mask)
     # a distinct empty tensor for each missing gradient: outputs may not alias each other
-    return tuple(input.new_empty(0) if g is None else g
-                 for g in (grad_input, grad_coords, grad_weight, grad_bias, grad_mask))
+    return tuple(input.new_empty(0) if g is None else g for g in grads)
 
 
 @conv3d_backward.register_fake
@@ -120,8 +119,8 @@ class Conv3dFunction(torch.autograd.Function):
         input, coords, weight, mask = ctx.saved_tensors
         # False for an argument that is None (no bias, no mask)
         need_input, need_coords, need_weight, need_bias, need_mask = ctx.needs_input_grad[:5]
-        grad_input, grad_coords, grad_mask, grad_weight, grad_bias = d2conv_bwd(
-            ctx.geo, grad_out, input, coords, weight, mask, ctx.mode, need_bias, need_input,
-            need_coords, need_mask, need_weight)
-        return grad_input, grad_coords, grad_weight, grad_bias, grad_mask, None, None
+        grads = d2conv_bwd(ctx.geo, grad_out, input, coords, weight, mask, ctx.mode,
+                           need_input=need_input, need_coords=need_coords,
+                           need_weight=need_weight, need_bias=need_bias, need_mask=need_mask)
+        return grads + (None, None)
 

@@ -144,7 +144,7 @@ def gather_dot(x_ptr, row0, ch, ch_ok, HWC, WC, C, grad, t_v, t_z, t_y, t_x,
     layout conversion and a cross-warp reduction per corner. The two x corners are taken as a
     pair: their lerp along x feeds the value and the z and y derivatives, grad * (their
     difference) feeds t_x: fewer operations per element than weighting each corner apart (and
-    fewer registers: bench/NOTES.md, session 8). The derivatives are right derivatives (corners
+    fewer registers: docs/design.md#tap-classes). The derivatives are right derivatives (corners
     held fixed); an axis with one tap leaves its accumulator untouched.
     Returns (t_v, t_z, t_y, t_x, value): value is the fp32 [BLOCK_M, BLOCK_C] trilinear sample
     (what gather_tile gives with scale 1), the weight gradient's column.

@@ -161,9 +161,9 @@ def pulled(monkeypatch):
     monkeypatch.setenv("D2CONV_INPUT_GRAD", "pull")
     launches, launch = [], input_grad.launch
 
-    def counted(args, col, gx, bounds, k_first, kc):
+    def counted(shape, coords, mask, col, gx, bounds, k_first, kc):
         launches.append(kc)
-        return launch(args, col, gx, bounds, k_first, kc)
+        return launch(shape, coords, mask, col, gx, bounds, k_first, kc)
 
     monkeypatch.setattr(input_grad, "launch", counted)
     return launches

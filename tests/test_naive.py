@@ -1,5 +1,6 @@
-"""The PyTorch reference itself, checked against SPEC §1 written as plain loops, against autograd's
-numerical gradient away from integers, and against forward differences at integers."""
+"""The PyTorch reference itself, checked against the operators of docs/operators.md written as
+plain loops, against autograd's numerical gradient away from integers, and against forward
+differences at integers."""
 import itertools
 import math
 
@@ -12,7 +13,8 @@ from kernels.checks import triple
 
 
 def spec_loops(x, offset, weight, bias, stride, padding, dilation, mask, groups):
-    """SPEC §1.1 transcribed scalar by scalar (float64, tiny sizes only)."""
+    """The deformable convolution of docs/operators.md transcribed scalar by scalar (float64,
+    tiny sizes only)."""
     N, C, T, H, W = x.shape
     Co, Cg, kd, kh, kw = weight.shape
     K = kd * kh * kw

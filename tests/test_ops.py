@@ -5,7 +5,7 @@ import torch
 
 import kernels
 from helpers import DEVICE, Case, apply, make_inputs, rel_err
-from kernels import configs, naive
+from kernels import configs, naive, settings
 
 
 def good_args(**change):
@@ -56,7 +56,7 @@ def test_cpu_without_interpreter_uses_reference(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.skipif(DEVICE == "cpu" and not configs.interpreting(),
+@pytest.mark.skipif(DEVICE == "cpu" and not settings.interpreting(),
                     reason="needs a GPU or the Triton interpreter")
 def test_opcheck():
     case = Case(N=1, C=4, T=2, H=3, W=3, Co=4, kernel=(1, 2, 2), padding=(0, 1, 0), mode="xy")
@@ -70,7 +70,7 @@ def test_opcheck():
                               (grad_out, *inputs, *conf, *needs))
 
 
-@pytest.mark.skipif(DEVICE == "cpu" and not configs.interpreting(),
+@pytest.mark.skipif(DEVICE == "cpu" and not settings.interpreting(),
                     reason="needs a GPU or the Triton interpreter")
 @pytest.mark.parametrize("mode", ["offset", "xy"])
 def test_eager_path_equals_custom_op(mode, monkeypatch):
@@ -177,6 +177,41 @@ def test_a_register_cap_is_a_candidate_of_its_own(monkeypatch):
     assert configs.pinned("BWD_DATA", args).maxnreg == 168
 
 
+def test_settings_from_code_win_over_the_environment(monkeypatch):
+    """configure() wins over each D2CONV_* variable, override() restores what was set before, None
+    hands a setting back to its variable; bad values and unknown names are errors naming them."""
+    from kernels import settings
+    monkeypatch.setenv("D2CONV_INPUT_GRAD", "scatter")
+    monkeypatch.setenv("D2CONV_GCOL_MIB", "64")
+    assert settings.input_grad() == "scatter" and settings.gcol_bytes() == 64 * 2**20
+    try:
+        settings.configure(input_grad="pull")
+        with settings.override(input_grad="auto", gcol_mib=1, config_bwd_data="BLOCK_M=32"):
+            assert settings.input_grad() == "auto" and settings.gcol_bytes() == 2**20
+            assert settings.pinned_config("BWD_DATA") == "BLOCK_M=32"
+        assert settings.input_grad() == "pull" and settings.gcol_bytes() == 64 * 2**20
+        assert settings.pinned_config("BWD_DATA") is None
+    finally:
+        settings.configure(input_grad=None)
+    assert settings.input_grad() == "scatter"
+    monkeypatch.setenv("D2CONV_GCOL_MIB", "lots")
+    with pytest.raises(ValueError, match="D2CONV_GCOL_MIB"):
+        settings.gcol_bytes()
+    with pytest.raises(ValueError, match="autotuning"):
+        settings.configure(autotuning=False)
+
+
+def test_every_setting_is_read_and_documented_in_one_place():
+    """Only kernels/settings.py reads the environment, and its docstring names each variable."""
+    from pathlib import Path
+    from kernels import settings
+    for path in Path(settings.__file__).parent.glob("*.py"):
+        if path.name != "settings.py":
+            assert "os.environ" not in path.read_text(), path.name
+    for name in settings.SETTINGS:
+        assert settings.variable(name) in settings.__doc__, name
+
+
 def test_set_autotune_wins_over_the_environment(monkeypatch):
     """kernels.set_autotune(False) launches the default config whatever D2CONV_AUTOTUNE says;
     None hands the choice back to the variable."""
@@ -267,7 +302,7 @@ def test_deterministic_backward_is_bitwise_reproducible(input_grad, deterministi
 def test_fp32_precision_choice(monkeypatch):
     """Strict fp32: an IEEE forward unless D2CONV_FP32_DOT picks three TF32 products; TF32 when
     PyTorch allows it; a bad choice is an error naming the variable."""
-    from kernels.forward import dot_precision
+    from kernels.launch import dot_precision
     monkeypatch.delenv("D2CONV_FP32_DOT", raising=False)
     assert dot_precision(torch.float32) == "ieee"
     monkeypatch.setenv("D2CONV_FP32_DOT", "ieee")
