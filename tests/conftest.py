@@ -23,6 +23,6 @@ def ieee_fp32():
 @pytest.fixture
 def reference_on_cpu(monkeypatch):
     """Layer and model tests on CPU use the PyTorch reference (fast) rather than the kernels
-    under the interpreter (tested on their own in test_kernels.py)."""
+    under the interpreter (tested on their own in tests/test_kernels.py)."""
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")
