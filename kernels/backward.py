@@ -23,7 +23,7 @@ import triton.language as tl
 from . import configs, input_grad, settings
 from .launch import LaunchGeometry, channels_last, weight_tiles
 from .sampling import (class_point, class_points, gather_dot, gather_tile, kernel_point,
-                       load_sizes, scatter_tile)
+                       load_sizes, output_voxels, scatter_tile)
 
 
 @triton.jit(do_not_specialize=["K_FIRST", "KC"])
@@ -58,14 +58,7 @@ def d2conv_bwd_data_kernel(
     g = tl.program_id(1)                        # offset group
 
     L = To * Ho * Wo
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    n = offs_m // L
-    sp = offs_m % L
-    wo = sp % Wo
-    ho = sp // Wo % Ho
-    to = sp // (Wo * Ho)
-    n64 = n.to(tl.int64)
+    offs_m, m_ok, n64, sp, to, ho, wo = output_voxels(pid_m, M, To, Ho, Wo, BLOCK_M)
     col_m = offs_m.to(tl.int64) * COL_M
     offs_c = tl.arange(0, BLOCK_C)
 

@@ -11,7 +11,8 @@ import triton.language as tl
 
 from . import configs
 from .launch import LaunchGeometry, channels_last, weight_tiles
-from .sampling import class_point, class_points, gather_tile, kernel_point, load_sizes
+from .sampling import (class_point, class_points, gather_tile, kernel_point, load_sizes,
+                       output_voxels)
 
 
 @triton.jit
@@ -41,14 +42,7 @@ def d2conv_fwd_kernel(
     o_ok = offs_o < Cog
 
     L = To * Ho * Wo
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    n = offs_m // L
-    sp = offs_m % L
-    wo = sp % Wo
-    ho = sp // Wo % Ho
-    to = sp // (Wo * Ho)
-    n64 = n.to(tl.int64)
+    offs_m, m_ok, n64, sp, to, ho, wo = output_voxels(pid_m, M, To, Ho, Wo, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)

@@ -67,6 +67,20 @@ def class_point(r, TAPS: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: t
 
 
 @triton.jit
+def output_voxels(pid_m, M, To, Ho, Wo, BLOCK_M: tl.constexpr):
+    """The BLOCK_M output voxels (rows) of program pid_m, of M = N * To * Ho * Wo.
+
+    Returns (offs_m, m_ok, n64, sp, to, ho, wo): the rows and their mask, each row's sample
+    (int64), its voxel index inside the sample (sp < To * Ho * Wo) and that voxel's coordinates.
+    """
+    L = To * Ho * Wo
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    sp = offs_m % L
+    return (offs_m, offs_m < M, (offs_m // L).to(tl.int64), sp, sp // (Wo * Ho), sp // Wo % Ho,
+            sp % Wo)
+
+
+@triton.jit
 def size_delta(s, idx, KSIZE: tl.constexpr, D: tl.constexpr):
     """D²Conv's offset along one axis of kernel index ``idx`` at scale ``s``: the kernel grid
     scaled about its centre, (s - 1) * (idx - centre) * dilation, in fp32 (the float ops of
