@@ -1,6 +1,6 @@
 """Convolution layers on the kernels: D²Conv3D (docs/operators.md) and deformable 3D
-convolution, and ``convert_convs`` to put them in place of the plain Conv3d of an existing
-network."""
+convolution, their 2D forms (D2Conv2d, DeformConv2d), and ``convert_convs`` to put them in place
+of the plain Conv3d and Conv2d of an existing network."""
 import math
 
 import torch
@@ -8,41 +8,69 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels.checks import SIZE_CHANNELS, triple
+from kernels.checks import SIZE_CHANNELS
 
 SIZE_ACTIVATIONS = {
     "elu": lambda raw: F.elu(raw) + 1,                   # the paper's default
     "relu": lambda raw: F.relu(raw + 1),
     "relu_eps": lambda raw: F.relu(raw + 1e-3) + 1,
-    "linear": lambda raw: raw,                           # the original's: s = 0 at init
+    "linear": lambda raw: raw,                           # the original code's: s = 0 at init
 }
 
+CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
 
-class _SampledConv3d(nn.Module):
-    """A Conv3d's weight and bias plus a zero-initialised Conv3d (same kernel size, stride, padding,
-    dilation) that predicts, per output voxel, the sampling parameters and the modulation mask."""
+
+def _ntuple(value, name, dims):
+    """int or ``dims``-sequence -> tuple of ``dims`` ints."""
+    if isinstance(value, int):
+        return (value,) * dims
+    value = tuple(value)
+    if len(value) != dims or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"{name} must be an int or a sequence of {dims} ints, got {value!r}")
+    return value
+
+
+class _SampledConv(nn.Module):
+    """A convolution's weight and bias plus a zero-initialised predictor conv (nn.Conv2d or
+    nn.Conv3d by ``dims``; same kernel size, stride, padding, dilation) that predicts, per output
+    position, ``coords_per_group`` sampling parameters and, with ``modulation``, K mask logits per
+    offset group."""
+
+    dims = None                                          # 2 or 3: set by the concrete layers
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                 bias, coord_channels, mask_channels):
+                 bias, offset_groups, coords_per_group, modulation):
         super().__init__()
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and "
                              f"out_channels={out_channels}")
+        if not isinstance(offset_groups, int) or offset_groups < 1 or in_channels % offset_groups:
+            raise ValueError(f"offset_groups={offset_groups!r} must be a positive int dividing "
+                             f"in_channels={in_channels}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = triple(kernel_size, "kernel_size")
-        self.stride, self.padding, self.dilation = (triple(stride, "stride"),
-                                                    triple(padding, "padding"),
-                                                    triple(dilation, "dilation"))
+        self.offset_groups = offset_groups
+        self.kernel_size = _ntuple(kernel_size, "kernel_size", self.dims)
+        self.stride, self.padding, self.dilation = (_ntuple(stride, "stride", self.dims),
+                                                    _ntuple(padding, "padding", self.dims),
+                                                    _ntuple(dilation, "dilation", self.dims))
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups,
                                                *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        self.coord_channels, self.mask_channels = coord_channels, mask_channels
-        self.predictor = nn.Conv3d(in_channels, coord_channels + mask_channels, self.kernel_size,
-                                   self.stride, self.padding, self.dilation)
+        K = math.prod(self.kernel_size)
+        self.coord_channels = offset_groups * coords_per_group
+        self.mask_channels = offset_groups * K if modulation else 0
+        self.predictor = CONVS[self.dims](in_channels, self.coord_channels + self.mask_channels,
+                                          self.kernel_size, self.stride, self.padding,
+                                          self.dilation)
         self.reset_parameters()
 
+    @classmethod
+    def kernel_points(cls, kernel_size):
+        """K, the number of kernel points of ``kernel_size`` in this layer's dimensions."""
+        return math.prod(_ntuple(kernel_size, "kernel_size", cls.dims))
+
     def reset_parameters(self):
-        # the main weights as nn.Conv3d initialises them; the predictor starts at zero
+        # the main weights as nn.Conv2d / nn.Conv3d initialise them; the predictor starts at zero
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.weight[0].numel())
@@ -52,7 +80,11 @@ class _SampledConv3d(nn.Module):
 
     @classmethod
     def from_conv(cls, conv, **options):
-        """The layer replacing ``conv`` (an nn.Conv3d), with its weight and bias copied in."""
+        """The layer replacing ``conv`` (an nn.Conv3d for the 3D layers, an nn.Conv2d for the 2D
+        ones), with its weight and bias copied in, on its device and in its dtype."""
+        if not isinstance(conv, CONVS[cls.dims]):
+            raise ValueError(f"{cls.__name__}.from_conv takes an nn.Conv{cls.dims}d, "
+                             f"got {type(conv).__name__}")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"cannot convert {conv}: only numeric zero padding is supported")
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
@@ -77,7 +109,40 @@ class _SampledConv3d(nn.Module):
                 f"groups={self.groups}, bias={self.bias is not None}")
 
 
-class D2Conv3d(_SampledConv3d):
+class _D2Conv(_SampledConv):
+    """D²Conv in ``dims`` dimensions: the predictor outputs G*c size channels for ``mode`` (one of
+    ``modes``) and, with ``modulation``, G*K mask logits."""
+
+    modes = ()
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                 bias, offset_groups, mode, modulation, size_activation):
+        if mode not in self.modes:
+            raise ValueError(f"mode must be one of {sorted(self.modes)}, got {mode!r}")
+        if size_activation not in SIZE_ACTIVATIONS:
+            raise ValueError(f"size_activation must be one of {sorted(SIZE_ACTIVATIONS)}, "
+                             f"got {size_activation!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, offset_groups, SIZE_CHANNELS[mode], modulation)
+        self.mode, self.size_activation = mode, size_activation
+
+    def sizes(self, x):
+        """The dilation scales (N, G*c, *output size) and the mask (or None) for input x."""
+        raw, mask = self.predict(x)
+        return SIZE_ACTIVATIONS[self.size_activation](raw), mask
+
+    def forward(self, x):
+        size, mask = self.sizes(x)
+        op = kernels.d2conv3d if self.dims == 3 else kernels.d2conv2d
+        return op(x, size, self.weight, self.bias, self.stride, self.padding, self.dilation, mask,
+                  self.groups, self.mode)
+
+    def extra_repr(self):
+        return (super().extra_repr() + f", mode={self.mode!r}, offset_groups={self.offset_groups}"
+                f", modulation={self.mask_channels > 0}, size_activation={self.size_activation!r}")
+
+
+class D2Conv3d(_D2Conv):
     """Dynamic dilated 3D convolution (docs/operators.md).
 
     x: (N, Cin, T, H, W) -> (N, Cout, To, Ho, Wo). The predictor outputs G*c size channels
@@ -90,36 +155,48 @@ class D2Conv3d(_SampledConv3d):
     function.
     """
 
+    dims, modes = 3, tuple(SIZE_CHANNELS)
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, offset_groups=1, mode="xyz", modulation=True,
                  size_activation="elu"):
-        if mode not in SIZE_CHANNELS:
-            raise ValueError(f"mode must be one of {sorted(SIZE_CHANNELS)}, got {mode!r}")
-        if size_activation not in SIZE_ACTIVATIONS:
-            raise ValueError(f"size_activation must be one of {sorted(SIZE_ACTIVATIONS)}, "
-                             f"got {size_activation!r}")
-        K = math.prod(triple(kernel_size, "kernel_size"))
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         bias, offset_groups * SIZE_CHANNELS[mode],
-                         offset_groups * K if modulation else 0)
-        self.mode, self.offset_groups, self.size_activation = mode, offset_groups, size_activation
+                         bias, offset_groups, mode, modulation, size_activation)
 
-    def sizes(self, x):
-        """The dilation scales (N, G*c, To, Ho, Wo) and the mask (or None) for input x."""
-        raw, mask = self.predict(x)
-        return SIZE_ACTIVATIONS[self.size_activation](raw), mask
 
-    def forward(self, x):
-        size, mask = self.sizes(x)
-        return kernels.d2conv3d(x, size, self.weight, self.bias, self.stride, self.padding,
-                                self.dilation, mask, self.groups, self.mode)
+class D2Conv2d(_D2Conv):
+    """Dynamic dilated 2D convolution: D2Conv3d's layer on images.
+
+    x: (N, Cin, H, W) -> (N, Cout, Ho, Wo). Mode "x" predicts one scale per offset group (both
+    axes), "xy" one per axis (channel g*2 + 0 for y, + 1 for x); ``size_activation``,
+    ``modulation`` and the zero start as in D2Conv3d.
+    """
+
+    dims, modes = 2, ("x", "xy")
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, offset_groups=1, mode="xy", modulation=True,
+                 size_activation="elu"):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, offset_groups, mode, modulation, size_activation)
+
+
+class _DeformConv(_SampledConv):
+    """Deformable convolution in ``dims`` dimensions: the predictor outputs G*K*dims free offsets
+    and, with ``modulation``, G*K mask logits."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                 bias, offset_groups, modulation):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, offset_groups, self.kernel_points(kernel_size) * self.dims,
+                         modulation)
 
     def extra_repr(self):
-        return (super().extra_repr() + f", mode={self.mode!r}, offset_groups={self.offset_groups}"
-                f", modulation={self.mask_channels > 0}, size_activation={self.size_activation!r}")
+        return (super().extra_repr() + f", offset_groups={self.offset_groups}"
+                f", modulation={self.mask_channels > 0}")
 
 
-class DeformConv3d(_SampledConv3d):
+class DeformConv3d(_DeformConv):
     """Deformable 3D convolution (DCNv1; DCNv2 with ``modulation``).
 
     x: (N, Cin, T, H, W) -> (N, Cout, To, Ho, Wo). The predictor outputs G*K*3 free offsets
@@ -127,16 +204,17 @@ class DeformConv3d(_SampledConv3d):
     ``restrict="spatial"`` keeps the t offsets at zero, ``restrict="temporal"`` the y and x ones.
     """
 
+    dims = 3
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, offset_groups=1, modulation=False, restrict=None):
         if restrict not in (None, "spatial", "temporal"):
             raise ValueError(f"restrict must be None, 'spatial' or 'temporal', got {restrict!r}")
-        K = math.prod(triple(kernel_size, "kernel_size"))
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         bias, offset_groups * K * 3, offset_groups * K if modulation else 0)
-        self.offset_groups, self.restrict = offset_groups, restrict
+                         bias, offset_groups, modulation)
+        self.restrict = restrict
         keep = {None: (1.0, 1.0, 1.0), "spatial": (0.0, 1.0, 1.0), "temporal": (1.0, 0.0, 0.0)}
-        axes = torch.tensor(keep[restrict]).repeat(offset_groups * K)
+        axes = torch.tensor(keep[restrict]).repeat(self.coord_channels // 3)
         self.register_buffer("axes", axes.view(1, -1, 1, 1, 1), persistent=False)
 
     def forward(self, x):
@@ -147,40 +225,77 @@ class DeformConv3d(_SampledConv3d):
                                      self.padding, self.dilation, mask, self.groups)
 
     def extra_repr(self):
-        return (super().extra_repr() + f", offset_groups={self.offset_groups}"
-                f", modulation={self.mask_channels > 0}, restrict={self.restrict!r}")
+        return super().extra_repr() + f", restrict={self.restrict!r}"
 
 
-# the decoder-conv variants of the paper's comparison that replace convolutions
+class DeformConv2d(_DeformConv):
+    """Deformable 2D convolution (DCNv1; DCNv2 with ``modulation``).
+
+    x: (N, Cin, H, W) -> (N, Cout, Ho, Wo). The predictor outputs G*K*2 free offsets (y, x per
+    kernel point, torchvision's layout) and, with modulation, G*K mask logits; it starts at zero.
+    """
+
+    dims = 2
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, offset_groups=1, modulation=False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, offset_groups, modulation)
+
+    def forward(self, x):
+        offset, mask = self.predict(x)
+        # conv groups are inferred from the weight's shape, as torchvision's op does
+        return kernels.deform_conv2d(x, offset, self.weight, self.bias, self.stride,
+                                     self.padding, self.dilation, mask)
+
+
+# the decoder-conv variants of the paper's comparison that replace convolutions: the 3D layer of
+# each, and the 2D layer of those that have a 2D form
 VARIANTS = {
     "dcn": (DeformConv3d, dict(modulation=False)),
     "dcnv2": (DeformConv3d, dict(modulation=True)),
     **{f"d2conv-{mode}": (D2Conv3d, dict(mode=mode)) for mode in SIZE_CHANNELS},
 }
+VARIANTS_2D = {
+    "dcn": (DeformConv2d, dict(modulation=False)),
+    "dcnv2": (DeformConv2d, dict(modulation=True)),
+    **{f"d2conv-{mode}": (D2Conv2d, dict(mode=mode)) for mode in D2Conv2d.modes},
+}
 
 
 def predictor_parameters(module):
     """The parameters of every size / offset / mask predictor inside ``module`` (the zero-
-    initialised convs of D2Conv3d and DeformConv3d), e.g. for a parameter group of their own."""
-    return [p for m in module.modules() if isinstance(m, _SampledConv3d)
+    initialised convs of D2Conv3d, DeformConv3d, D2Conv2d and DeformConv2d), e.g. for a parameter
+    group of their own."""
+    return [p for m in module.modules() if isinstance(m, _SampledConv)
             for p in m.predictor.parameters()]
 
 
 def convert_convs(module, variant, **options):
-    """Replace every nn.Conv3d inside ``module`` whose kernel is not 1x1x1 by ``variant``.
+    """Replace every nn.Conv3d and nn.Conv2d inside ``module`` whose kernel is not all ones by
+    ``variant``'s layer.
 
-    variant: "dcn", "dcnv2" or "d2conv-<mode>" (modulated by default, as in the paper);
-    ``options`` go to the layer's constructor (e.g. modulation=False, size_activation="relu").
-    Weights and biases are copied. Returns the number of convolutions replaced.
+    variant: "dcn", "dcnv2" or "d2conv-<mode>" (modulated by default, as in the paper). An
+    nn.Conv3d becomes DeformConv3d or D2Conv3d, an nn.Conv2d DeformConv2d or D2Conv2d;
+    "d2conv-xxz" and "d2conv-xyz" scale the time axis and have no 2D form, so they leave every
+    nn.Conv2d as it is. ``options`` go to each layer's constructor (e.g. modulation=False,
+    size_activation="relu"); a 3D-only one (restrict) fails on an nn.Conv2d. Weights and biases
+    are copied, device and dtype kept; layers already converted are left alone. Returns the number
+    of convolutions replaced, 3D and 2D together.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-    cls, defaults = VARIANTS[variant]
     count = 0
     for name, child in list(module.named_children()):
-        if isinstance(child, _SampledConv3d):
+        if isinstance(child, _SampledConv):
             continue                                   # already converted: leave its predictor
+        target = None
         if type(child) is nn.Conv3d and tuple(child.kernel_size) != (1, 1, 1):
+            target = VARIANTS[variant]
+        elif type(child) is nn.Conv2d and tuple(child.kernel_size) != (1, 1):
+            target = VARIANTS_2D.get(variant)
+        if target is not None:
+            cls, defaults = target
             setattr(module, name, cls.from_conv(child, **{**defaults, **options}))
             count += 1
         else:
