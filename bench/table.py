@@ -1,5 +1,6 @@
 """Print the markdown table of a `pytest bench` results file: each op's median ms and its ratio to
-dense, and the extra peak memory of a forward+backward.
+dense, and the extra peak memory of a forward+backward; for a 2D file (<gpu>-2d.json,
+test_2d_speed.py) the 2D ops against dense bf16 and torchvision.
 
     python bench/table.py [bench/results/NVIDIA_H200.json]
 
@@ -13,6 +14,9 @@ from records import RESULTS
 
 ORDER = {"rf3": 0, "rf2": 1, "rf2_in512": 2, "early": 3}
 OPS = ["d2conv3d", "deform_conv3d", "reference"]
+ORDER_2D = {"det64": 0, "det128": 1, "res56": 2}
+OPS_2D = ("deform_conv2d", "d2conv2d", "deform_conv3d_t1", "torchvision")
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def table(rows):
@@ -43,6 +47,46 @@ def table(rows):
     return "\n".join(lines)
 
 
+def is_2d(rows, name=""):
+    """Whether rows come from test_2d_speed.py: by the file's name or the rows' ops."""
+    return name.endswith("-2d.json") or any(r.get("op") in OPS_2D for r in rows)
+
+
+def table_2d(rows):
+    """One line per (shape, pass): dense bf16, torchvision fp32 / fp16, deform_conv2d fp32 / bf16,
+    d2conv2d bf16 and deform_conv3d_t1 bf16 in ms (the kernels' × dense bf16), and the speed-up
+    of deform_conv2d bf16 over torchvision fp32."""
+    ours = [("deform_conv2d", "float32"), ("deform_conv2d", "bfloat16"), ("d2conv2d", "bfloat16"),
+            ("deform_conv3d_t1", "bfloat16")]
+    lines = ["| shape | pass | dense bf16 ms | torchvision fp32 ms | torchvision fp16 ms | "
+             + " | ".join(f"{op} {SHORT[dtype]} ms (× dense)" for op, dtype in ours)
+             + " | deform_conv2d bf16 speed-up over torchvision fp32 |",
+             "|---|---|---|---|---|" + "---|" * len(ours) + "---|"]
+    shapes = sorted({r["shape"] for r in rows}, key=lambda s: (ORDER_2D.get(s, 9), s))
+    for shape in shapes:
+        for pass_ in ("fwd", "fwdbwd"):
+            case = {(r["op"], r["dtype"]): r for r in rows
+                    if (r["shape"], r["pass"]) == (shape, pass_)}
+            if not case:
+                continue
+            ms = {k: r["median_ms"] for k, r in case.items()}
+            dense = ms.get(("dense", "bfloat16"))
+            cells = [ms.get(k) for k in [("dense", "bfloat16"), ("torchvision", "float32"),
+                                         ("torchvision", "float16")]]
+            cells = ["" if v is None else f"{v:.3g}" for v in cells]
+            for k in ours:
+                v = ms.get(k)
+                cells.append("" if v is None else f"{v:.3g}" if dense is None else
+                             f"{v:.3g} ({v / dense:.1f}×)")
+            tv, dc = ms.get(("torchvision", "float32")), ms.get(("deform_conv2d", "bfloat16"))
+            cells.append("" if tv is None or dc is None else f"{tv / dc:.1f}×")
+            tuned = "" if all(case[k].get("autotuned", True) for k in ours if k in case) \
+                else " (default configs)"
+            lines.append(f"| {shape}{tuned} | {pass_} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS / "NVIDIA_H200.json"
-    print(table(json.loads(path.read_text())))
+    rows = json.loads(path.read_text())
+    print(table_2d(rows) if is_2d(rows, path.name) else table(rows))

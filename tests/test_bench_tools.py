@@ -1,6 +1,7 @@
 """The bench's tools stay in step with the library and with their records: the scripts import
-against the kernels as they are, table.py renders the H200 record, records.py merges a timing in
-place of the earlier one of its case, and bench/results holds JSON records only."""
+against the kernels as they are, table.py renders the H200 record and a 2D record, the 2D suite's
+3D op at T = 1 gets the 2D ops' data, records.py merges a timing in place of the earlier one of
+its case, and bench/results holds JSON records only."""
 import importlib
 import json
 import sys
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-SCRIPTS = ["ablate", "compile_check", "inference", "ncu_profile", "records", "table"]
+SCRIPTS = ["ablate", "compile_check", "inference", "ncu_profile", "records", "table",
+           "test_2d_speed"]
 
 
 @pytest.fixture
@@ -36,6 +38,52 @@ def test_table_of_the_h200_record(bench_path):
                      if (r["shape"], r["dtype"], r["op"], r["pass"])
                      == ("rf2", "bfloat16", op, "fwdbwd"))
     assert f"({d2conv / dense:.1f}×)" in rf2
+
+
+def test_table_of_a_2d_record(bench_path):
+    """A 2D record (told apart by its ops) renders one line per (shape, pass): times, ratios to
+    dense bf16, the speed-up over torchvision fp32; a missing case leaves its cell empty."""
+    table = importlib.import_module("table")
+    times = {("dense", "bfloat16"): 1.0, ("torchvision", "float32"): 12.0,
+             ("torchvision", "float16"): 9.0, ("deform_conv2d", "float32"): 6.0,
+             ("deform_conv2d", "bfloat16"): 3.0, ("d2conv2d", "bfloat16"): 2.5,
+             ("deform_conv3d_t1", "bfloat16"): 3.1}
+    rows = [dict(shape=shape, dtype=dtype, op=op, median_ms=ms * scale, autotuned=True,
+                 **{"pass": pass_})
+            for shape, scale in (("res56", 1), ("det64", 2))
+            for pass_ in ("fwd", "fwdbwd") for (op, dtype), ms in times.items()
+            if (shape, op) != ("res56", "torchvision")]
+    assert table.is_2d(rows) and not table.is_2d([dict(op="dense")])
+    assert table.is_2d([], "NVIDIA_H200-2d.json")
+    lines = table.table_2d(rows).splitlines()
+    assert len(lines) == 2 + 4
+    assert lines[2].startswith("| det64 | fwd |") and lines[4].startswith("| res56 | fwd |")
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells == ["det64", "fwd", "2", "24", "18", "12 (6.0×)", "6 (3.0×)", "5 (2.5×)",
+                     "6.2 (3.1×)", "4.0×"]
+    cells = [c.strip() for c in lines[4].strip("|").split("|")]
+    assert cells[3:5] == ["", ""] and cells[-1] == ""
+
+
+def test_2d_suite_data(bench_path):
+    """The 2D suite's deform_conv3d_t1 case is deform_conv2d's data as one frame: the float64
+    references agree; every op's inputs have the documented shapes."""
+    suite = importlib.import_module("test_2d_speed")
+    torch = pytest.importorskip("torch")
+    shape = (2, 4, 6, 7, 9)
+    outs = {}
+    for op in ("deform_conv2d", "d2conv2d", "deform_conv3d_t1", "dense"):
+        torch.manual_seed(0)
+        fn, inputs = suite.make(shape, "float32", op, device="cpu")
+        if op == "dense":
+            assert fn(*inputs).shape == (2, 6, 7, 9)
+            continue
+        assert [tuple(t.shape[:2]) for t in inputs] == [
+            (2, 4), (2, {"d2conv2d": 2, "deform_conv3d_t1": 27}.get(op, 18)), (6, 4), (6,), (2, 9)]
+        outs[op] = suite.reference(op)(*[t.double() for t in inputs])
+    assert outs["deform_conv3d_t1"].shape == (2, 6, 1, 7, 9)
+    torch.testing.assert_close(outs["deform_conv3d_t1"].squeeze(2), outs["deform_conv2d"])
+    assert not torch.allclose(outs["d2conv2d"], outs["deform_conv2d"])
 
 
 def test_merge_replaces_the_same_case(bench_path, monkeypatch, tmp_path):
