@@ -1,5 +1,5 @@
-"""Deformable and dynamic-dilated 3D convolutions (docs/operators.md), forward and backward in
-Triton.
+"""Deformable and dynamic-dilated convolutions (docs/operators.md), forward and backward in
+Triton: 3D, and 2D on the same kernels (a 2D call is a 3D one with one frame and a 1-deep kernel).
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the same kernels under the Triton
 interpreter when TRITON_INTERPRET=1 is set, and the PyTorch reference (``kernels.naive``)
@@ -11,11 +11,12 @@ import torch
 
 # ops registers torch.ops.d2conv.* (Triton is imported on first use)
 from . import naive, ops, settings
-from .checks import SIZE_CHANNELS, check_args
+from .checks import OFFSET_AXES, SIZE_CHANNELS, check_args
 from .naive import offsets_from_size
 from .settings import set_autotune
 
-__all__ = ["deform_conv3d", "d2conv3d", "offsets_from_size", "set_autotune", "SIZE_CHANNELS"]
+__all__ = ["deform_conv3d", "d2conv3d", "deform_conv2d", "d2conv2d", "offsets_from_size",
+           "set_autotune", "settings", "SIZE_CHANNELS"]
 
 
 def _use_triton(input):
@@ -34,9 +35,9 @@ def _autocast(*tensors):
 def _run(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode):
     input, coords, weight, bias, mask = _autocast(input, coords, weight, bias, mask)
     if not _use_triton(input):
-        if mode == "offset":
+        if mode in OFFSET_AXES:
             return naive.deform_conv3d(input, coords, weight, bias, stride, padding, dilation,
-                                       mask, groups)
+                                       mask, groups, mode)
         return naive.d2conv3d(input, coords, weight, bias, stride, padding, dilation, mask,
                               groups, mode)
     geo = check_args(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode)
@@ -82,3 +83,73 @@ def d2conv3d(input, size, weight, bias=None, stride=1, padding=0, dilation=1, ma
     offsets are never materialised, and the gradient of ``size`` is computed directly.
     """
     return _run(input, size, weight, bias, stride, padding, dilation, mask, groups, mode)
+
+
+def _pair(value, name, first):
+    """int or 2-sequence -> the (t, h, w) triple of a 2D call: ``first`` for t."""
+    if isinstance(value, int):
+        return (first, value, value)
+    value = tuple(value)
+    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"{name} must be an int or a sequence of 2 ints, got {value!r}")
+    return (first, *value)
+
+
+def _as_3d(**tensors):
+    """The 4-D tensors of a 2D call as 5-D views with one frame (T = 1); None stays None."""
+    views = []
+    for name, t in tensors.items():
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dim() != 4):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor (2D call), got {shape}")
+        views.append(None if t is None else t.unsqueeze(2))
+    return views
+
+
+def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0),
+                  dilation=(1, 1), mask=None):
+    """Deformable 2D convolution, a drop-in for ``torchvision.ops.deform_conv2d``: the same
+    arguments, order and layouts (DCNv1; DCNv2 when ``mask`` is given).
+
+    input:  (N, C, H, W); weight (Co, C/groups, kh, kw), groups = C // weight.shape[1] (as
+            torchvision infers them); bias (Co,) or None
+    offset: (N, 2*G*K, Ho, Wo), K = kh*kw, channel (g*K + k)*2 + a with a = 0:y, 1:x and
+            k = i*kw + j; G, the offset groups, is inferred from the channel count
+    mask:   (N, G*K, Ho, Wo) or None, channel g*K + k
+    stride, padding, dilation: int or (h, w)
+    return: (N, Co, Ho, Wo) (channels_last memory format on the Triton path)
+
+    Kernel point (i, j) of output pixel (h, w) samples input channel c (offset group g) at
+    (h*sh - ph + i*dh, w*sw - pw + j*dw) + offset[g, k] by bilinear interpolation with zeros
+    outside the image; gradients as deform_conv3d's.
+    """
+    input5, offset5, weight5, mask5 = _as_3d(input=input, offset=offset, weight=weight, mask=mask)
+    if weight.shape[1] == 0 or input.shape[1] % weight.shape[1]:
+        raise ValueError(f"weight takes {weight.shape[1]} input channels per group, which do not "
+                         f"divide the input's {input.shape[1]} channels")
+    groups = input.shape[1] // weight.shape[1]
+    out = _run(input5, offset5, weight5, bias, _pair(stride, "stride", 1),
+               _pair(padding, "padding", 0), _pair(dilation, "dilation", 1), mask5, groups,
+               "offset_yx")
+    return out.squeeze(2)
+
+
+def d2conv2d(input, size, weight, bias=None, stride=1, padding=0, dilation=1, mask=None, groups=1,
+             mode="xy"):
+    """Dynamic dilated 2D convolution (D²Conv2d): the kernel grid scaled about its centre.
+
+    input:  (N, C, H, W); weight (Co, C/groups, kh, kw); bias (Co,) or None
+    size:   (N, G*c, Ho, Wo), channel g*c + a, positive scales: mode "x" one per offset group
+            (c = 1, both axes), "xy" one per axis (c = 2: y, x)
+    mask:   (N, G*K, Ho, Wo) or None; stride, padding, dilation: int or (h, w)
+    return: (N, Co, Ho, Wo)
+
+    Equals ``deform_conv2d`` on the offsets (index - kernel centre) * dilation * (s - 1) per axis,
+    which are never materialised.
+    """
+    if mode not in ("x", "xy"):
+        raise ValueError(f"mode must be 'x' or 'xy' in 2D, got {mode!r}")
+    input5, size5, weight5, mask5 = _as_3d(input=input, size=size, weight=weight, mask=mask)
+    out = _run(input5, size5, weight5, bias, _pair(stride, "stride", 1),
+               _pair(padding, "padding", 0), _pair(dilation, "dilation", 1), mask5, groups, mode)
+    return out.squeeze(2)

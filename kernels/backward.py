@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import configs, input_grad, settings
+from .checks import OFFSET_AXES
 from .launch import LaunchGeometry, channels_last, weight_tiles
 from .sampling import (class_point, class_points, gather_dot, gather_tile, kernel_point,
                        load_sizes, output_voxels, scatter_tile)
@@ -29,7 +30,7 @@ from .sampling import (class_point, class_points, gather_dot, gather_tile, kerne
 @triton.jit(do_not_specialize=["K_FIRST", "KC"])
 def d2conv_bwd_data_kernel(
     x_ptr,       # input, channels-last (N, T, H, W, C)
-    coord_ptr,   # offset (N, G*K*3, To, Ho, Wo) or size (N, G*NS, To, Ho, Wo)
+    coord_ptr,   # offset (N, G*K*P, To, Ho, Wo) (P = SX_CH + 1) or size (N, G*NS, To, Ho, Wo)
     mask_ptr,    # (N, G*K, To, Ho, Wo), or any pointer when not HAS_MASK
     col_ptr,     # (groups, M, KC, Cg) for kernel points K_FIRST .. K_FIRST+KC-1: holds the
                  # column gradient (read when NEED_INPUT, NEED_COORD or NEED_MASK), and is
@@ -64,7 +65,7 @@ def d2conv_bwd_data_kernel(
 
     coord_row = (n64 * COORD_CH + g * (COORD_CH // G)) * L + sp
     mask_row = (n64 * (G * K) + g * K) * L + sp
-    s_z, s_y, s_x = load_sizes(coord_ptr, coord_row, L, m_ok, SZ_CH, SY_CH, SX_CH)
+    s_z, s_y, s_x = load_sizes(coord_ptr, coord_row, L, m_ok, IS_OFFSET, SZ_CH, SY_CH, SX_CH)
     gs_z = tl.zeros((BLOCK_M,), tl.float32)     # D²Conv: gradient of each axis' scale
     gs_y = tl.zeros((BLOCK_M,), tl.float32)
     gs_x = tl.zeros((BLOCK_M,), tl.float32)
@@ -79,7 +80,7 @@ def d2conv_bwd_data_kernel(
                 row0, fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, mk = kernel_point(
                     coord_ptr, coord_row, mask_ptr, mask_row, L, m_ok, n64, i, j, l, to, ho, wo,
                     s_z, s_y, s_x, C, T, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
-                    IS_OFFSET, HAS_MASK, TAPS)
+                    IS_OFFSET, SZ_CH, SY_CH, SX_CH, HAS_MASK, TAPS)
                 # unreduced d loss / d mask and d loss / d position (before the mask)
                 t_m = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
                 t_z = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
@@ -120,10 +121,12 @@ def d2conv_bwd_data_kernel(
                 g_y = tl.sum(t_y, axis=1)
                 g_x = tl.sum(t_x, axis=1)
                 if NEED_COORD:
-                    if IS_OFFSET:
-                        tl.store(gcoord_ptr + coord_row + (k * 3 + 0) * L, g_z * mk, mask=m_ok)
-                        tl.store(gcoord_ptr + coord_row + (k * 3 + 1) * L, g_y * mk, mask=m_ok)
-                        tl.store(gcoord_ptr + coord_row + (k * 3 + 2) * L, g_x * mk, mask=m_ok)
+                    if IS_OFFSET:   # channel k*(SX_CH + 1) + component, per moved axis
+                        point_row = coord_row + k * (SX_CH + 1) * L
+                        if SZ_CH >= 0:
+                            tl.store(gcoord_ptr + point_row + SZ_CH * L, g_z * mk, mask=m_ok)
+                        tl.store(gcoord_ptr + point_row + SY_CH * L, g_y * mk, mask=m_ok)
+                        tl.store(gcoord_ptr + point_row + SX_CH * L, g_x * mk, mask=m_ok)
                     else:
                         # d position / d s = (index - centre) * dilation
                         gs_z += g_z * mk * ((i - KD // 2) * DD).to(tl.float32)
@@ -227,7 +230,7 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, *, need_input, 
                           dtype=torch.int64 if fixed_point else torch.float32,
                           memory_format=torch.channels_last_3d).zero_() if need_input else None)
         # sizes are summed over kernel points, across launches when there are several: fp32
-        gcoord = (torch.empty_like(coords, dtype=torch.float32 if mode != "offset" else None)
+        gcoord = (torch.empty_like(coords, dtype=None if mode in OFFSET_AXES else torch.float32)
                   if need_coords else None)
         gmask = torch.empty_like(mask) if need_mask else None
         gw = torch.empty((groups, K, Cg, Cog), device=dev, dtype=dtype) if need_weight else None

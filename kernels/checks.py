@@ -10,6 +10,11 @@ import torch
 SIZE_AXES = {"x": (None, 0, 0), "xy": (None, 0, 1), "xxz": (0, 1, 1), "xyz": (0, 1, 2)}
 # number of size channels per offset group, by mode
 SIZE_CHANNELS = {mode: 1 + max(axes[1:]) for mode, axes in SIZE_AXES.items()}
+# free-offset modes: which component of a kernel point's offset moves the t, y and x axis (None:
+# not moved). "offset": (t, y, x) triples (deform_conv3d); "offset_yx": (y, x) pairs, the 2D ops
+# at T = 1 (deform_conv2d, torchvision's layout)
+OFFSET_AXES = {"offset": (0, 1, 2), "offset_yx": (None, 0, 1)}
+OFFSET_COMPONENTS = {mode: 1 + axes[2] for mode, axes in OFFSET_AXES.items()}
 
 
 def triple(value, name):
@@ -68,10 +73,11 @@ def _check_tensor(t, name, ndim, ref):
 def check_args(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode):
     """Validate a call and return its ConvGeometry.
 
-    ``coords`` is the offset tensor when ``mode == "offset"``, else the size map of that mode.
+    ``coords`` is the offset tensor in a free-offset mode (OFFSET_AXES), else the size map of
+    that D²Conv mode.
     """
-    coords_name = "offset" if mode == "offset" else "size"
-    if mode != "offset" and mode not in SIZE_CHANNELS:
+    coords_name = "offset" if mode in OFFSET_AXES else "size"
+    if mode not in OFFSET_AXES and mode not in SIZE_CHANNELS:
         raise ValueError(f"mode must be one of {sorted(SIZE_CHANNELS)}, got {mode!r}")
     _check_tensor(input, "input", 5, None)
     if not input.dtype.is_floating_point:
@@ -112,11 +118,15 @@ def check_args(input, coords, weight, bias, stride, padding, dilation, mask, gro
                          f"with padding {padding} and dilation {dilation}")
     K = kd * kh * kw
 
-    per_group = 3 * K if mode == "offset" else SIZE_CHANNELS[mode]
+    if mode in OFFSET_AXES:
+        per_group = OFFSET_COMPONENTS[mode] * K
+        what = f"{OFFSET_COMPONENTS[mode]} x kernel points"
+    else:
+        per_group = SIZE_CHANNELS[mode]
+        what = f"{per_group} for mode {mode!r}"
     if coords.shape[1] == 0 or coords.shape[1] % per_group:
         raise ValueError(f"{coords_name} has {coords.shape[1]} channels, expected a positive "
-                         f"multiple of {per_group} (offset groups x "
-                         f"{'3 x kernel points' if mode == 'offset' else f'{per_group} for mode {mode!r}'})")
+                         f"multiple of {per_group} (offset groups x {what})")
     G = coords.shape[1] // per_group
     if C % G:
         raise ValueError(f"{coords_name} implies {G} offset groups, which do not divide "

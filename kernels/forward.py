@@ -18,7 +18,8 @@ from .sampling import (class_point, class_points, gather_tile, kernel_point, loa
 @triton.jit
 def d2conv_fwd_kernel(
     x_ptr,      # input, channels-last (N, T, H, W, C)
-    coord_ptr,  # offset (N, G*K*3, To, Ho, Wo) or size (N, G*NS, To, Ho, Wo), contiguous
+    coord_ptr,  # offset (N, G*K*P, To, Ho, Wo) (P = SX_CH + 1 components) or size (N, G*NS,
+                # To, Ho, Wo), contiguous
     mask_ptr,   # (N, G*K, To, Ho, Wo) contiguous, or any pointer when not HAS_MASK
     w_ptr,      # weight (groups, K, Cg, Cog), or (groups, K, Cog, Cg) when W_C_MAJOR
     b_ptr,      # bias (Co,), or any pointer when not HAS_BIAS
@@ -52,7 +53,7 @@ def d2conv_fwd_kernel(
         g = c_first // Cpg                      # its offset group
         coord_row = (n64 * COORD_CH + g * (COORD_CH // G)) * L + sp
         mask_row = (n64 * (G * K) + g * K) * L + sp
-        s_z, s_y, s_x = load_sizes(coord_ptr, coord_row, L, m_ok, SZ_CH, SY_CH, SX_CH)
+        s_z, s_y, s_x = load_sizes(coord_ptr, coord_row, L, m_ok, IS_OFFSET, SZ_CH, SY_CH, SX_CH)
         for TAPS in tl.static_range(8):
             for r in range(class_points(TAPS, KD, KH, KW, IS_OFFSET, SZ_CH, SY_CH, SX_CH)):
                 i, j, l = class_point(r, TAPS, KD, KH, KW, IS_OFFSET, SZ_CH, SY_CH, SX_CH)
@@ -60,7 +61,7 @@ def d2conv_fwd_kernel(
                 row0, fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, scale = kernel_point(
                     coord_ptr, coord_row, mask_ptr, mask_row, L, m_ok, n64, i, j, l, to, ho, wo,
                     s_z, s_y, s_x, C, T, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
-                    IS_OFFSET, HAS_MASK, TAPS)
+                    IS_OFFSET, SZ_CH, SY_CH, SX_CH, HAS_MASK, TAPS)
                 w_kc = (gr * K + k) * Cg * Cog + seg * SEG * (1 if W_C_MAJOR else Cog)
                 for c0 in range(0, SEG, BLOCK_C):
                     ch_ok = c0 + offs_c < SEG
@@ -86,7 +87,7 @@ d2conv_fwd_tuned = triton.autotune(configs.all_candidates("FWD"), key=configs.KE
 
 
 def d2conv_fwd(geo, input, coords, weight, bias, mask, mode):
-    """Forward of deform_conv3d (mode "offset") / d2conv3d; returns (N, Co, To, Ho, Wo) in the
+    """Forward of the free-offset modes ("offset", "offset_yx") and the D²Conv modes; returns (N, Co, To, Ho, Wo) in the
     channels_last_3d memory format."""
     shape = LaunchGeometry.of(geo, mode, coords, mask, input.dtype)
     # TF32 tensor-core products take the weight tile with its reduction axis (input channels)

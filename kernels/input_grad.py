@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import configs, settings
-from .checks import SIZE_CHANNELS
+from .checks import OFFSET_AXES, SIZE_CHANNELS
 from .sampling import load_sizes, size_delta
 
 
@@ -141,7 +141,7 @@ def d2conv_input_grad_kernel(
             px = px0 + offs_p % nx
             sp = (pz * Ho + py) * Wo + px
             coord_row = (n64 * COORD_CH + g * (COORD_CH // G)) * L + sp
-            s_z, s_y, s_x = load_sizes(coord_ptr, coord_row, L, p_ok, SZ_CH, SY_CH, SX_CH)
+            s_z, s_y, s_x = load_sizes(coord_ptr, coord_row, L, p_ok, False, SZ_CH, SY_CH, SX_CH)
             if HAS_MASK:
                 scale = tl.load(mask_ptr + (n64 * (G * K) + g * K + k) * L + sp, mask=p_ok,
                                 other=0.0).to(tl.float32)
@@ -192,7 +192,7 @@ def choose(mode, deterministic, coords, geo):
     for any spread, only slower). Free offsets have no
     window: always the scatter."""
     choice = settings.input_grad()
-    if mode == "offset" or choice == "scatter" or (choice == "auto" and not deterministic):
+    if mode in OFFSET_AXES or choice == "scatter" or (choice == "auto" and not deterministic):
         return None
     bounds = size_bounds(coords, geo.offset_groups, SIZE_CHANNELS[mode])
     reach = max(d * (k // 2) for d, k in zip(geo.dilation, geo.kernel))

@@ -8,7 +8,7 @@ import torch
 import triton
 
 from . import settings
-from .checks import SIZE_AXES, ConvGeometry
+from .checks import OFFSET_AXES, SIZE_AXES, ConvGeometry
 
 
 def dot_precision(dtype):
@@ -32,7 +32,8 @@ class LaunchGeometry:
     (the pulled input gradient ignores M, Co, Cog and IS_OFFSET)."""
 
     geo: ConvGeometry
-    mode: str               # "offset" (free offsets) or a D²Conv mode ("x", "xy", "xxz", "xyz")
+    mode: str               # free offsets ("offset", "offset_yx") or a D²Conv mode ("x", "xy",
+                            # "xxz", "xyz")
     coord_channels: int     # channels of the offset or size tensor
     has_mask: bool
     precision: str          # tl.dot input_precision (dot_precision)
@@ -69,8 +70,9 @@ class LaunchGeometry:
 
     def args(self):
         geo = self.geo
-        axes = ((-1, -1, -1) if self.mode == "offset"
-                else tuple(-1 if a is None else a for a in SIZE_AXES[self.mode]))
+        # per axis: its offset component (free offsets) or size channel (D²Conv); -1: none
+        axes = tuple(-1 if a is None else a
+                     for a in {**OFFSET_AXES, **SIZE_AXES}[self.mode])
         (KD, KH, KW), (SD, SH, SW) = geo.kernel, geo.stride
         (PD, PH, PW), (DD, DH, DW) = geo.padding, geo.dilation
         To, Ho, Wo = geo.out
@@ -79,7 +81,7 @@ class LaunchGeometry:
             Cg=self.Cg, Cog=self.Cog, Cpg=self.Cpg, SEG=self.SEG, G=geo.offset_groups,
             COORD_CH=self.coord_channels, M_BUCKET=triton.next_power_of_2(self.M),
             KD=KD, KH=KH, KW=KW, SD=SD, SH=SH, SW=SW, PD=PD, PH=PH, PW=PW, DD=DD, DH=DH, DW=DW,
-            IS_OFFSET=self.mode == "offset", SZ_CH=axes[0], SY_CH=axes[1], SX_CH=axes[2],
+            IS_OFFSET=self.mode in OFFSET_AXES, SZ_CH=axes[0], SY_CH=axes[1], SX_CH=axes[2],
             HAS_MASK=self.has_mask, DOT_PRECISION=self.precision)
 
 

@@ -12,7 +12,7 @@ import itertools
 
 import torch
 
-from .checks import SIZE_AXES, SIZE_CHANNELS, check_args, triple
+from .checks import OFFSET_AXES, SIZE_AXES, SIZE_CHANNELS, check_args, triple
 
 
 def _kernel_grid(kernel, dilation, device, dtype):
@@ -47,10 +47,20 @@ def offsets_from_size(size, kernel_size, dilation=1, mode="xyz"):
 
 
 def deform_conv3d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None,
-                  groups=1):
-    """Reference deformable 3D convolution; shapes as in ``kernels.deform_conv3d``."""
-    geo = check_args(input, offset, weight, bias, stride, padding, dilation, mask, groups, "offset")
-    return _deform_conv3d(geo, input, offset, weight, bias, mask)
+                  groups=1, mode="offset"):
+    """Reference deformable 3D convolution; shapes as in ``kernels.deform_conv3d``. With mode
+    "offset_yx" the offset holds (y, x) pairs, (N, G*K*2, To, Ho, Wo): the t axis is not moved
+    (deform_conv2d at T = 1)."""
+    geo = check_args(input, offset, weight, bias, stride, padding, dilation, mask, groups, mode)
+    if mode == "offset":
+        return _deform_conv3d(geo, input, offset, weight, bias, mask)
+    axes = OFFSET_AXES[mode]
+    parts = offset.reshape(offset.shape[0], geo.offset_groups * geo.K, -1, *geo.out)
+    zero = torch.zeros_like(parts[:, :, :1])
+    offset = torch.cat([zero if a is None else parts[:, :, a:a + 1] for a in axes], 2)
+    # an axis without an offset samples integers: one corner
+    fixed = [[a is None for a in axes]] * geo.K
+    return _deform_conv3d(geo, input, offset.flatten(1, 2), weight, bias, mask, fixed)
 
 
 def d2conv3d(input, size, weight, bias=None, stride=1, padding=0, dilation=1, mask=None, groups=1,

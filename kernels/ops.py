@@ -6,8 +6,9 @@ at the rf3 shape 0.12-0.50 ms less per forward+backward, 2026-11-25: see
 docs/design.md#eager-calls-and-the-custom-op). It matters for small shapes, where the host's
 cost rivals the GPU's.
 
-``coords`` is the offset tensor when ``mode == "offset"`` (deform_conv3d) and the size map of a
-D²Conv mode otherwise. Triton is imported on first use, so importing this module (and the
+``coords`` is the offset tensor in the free-offset modes ("offset": deform_conv3d's (t, y, x)
+triples; "offset_yx": deform_conv2d's (y, x) pairs at T = 1) and the size map of a D²Conv mode
+otherwise. Triton is imported on first use, so importing this module (and the
 package) never needs it.
 """
 from typing import Optional

@@ -7,12 +7,17 @@ the position (z, y, x); along each axis it reads the corner ``i0`` and, where th
 known at compile time to be an integer, ``i0 + 1`` too.
 
 Kernel points are visited by *tap class*: ``TAPS`` (bits z: 4, y: 2, x: 1) names the axes along
-which a point reads two corners. Free offsets put all K points in class 7 (8 corners). A D²Conv
+which a point reads two corners. Free offsets put all K points in class 7 (8 corners), or in
+class 3 (4 corners) when they do not move the t axis ((y, x) pairs: the 2D ops). A D²Conv
 position is an integer along an axis its mode does not scale and wherever the kernel index is the
 centre, so a 3x3x3 xyz kernel has 8 points reading 8 corners, 12 reading 4, 6 reading 2 and the
 centre reading 1 (125 loads instead of 216); in modes x/xy the t axis never needs a second tap.
 Each kernel loops statically over the (at most 8) classes and at run time over the points of a
 class, which keeps the code small and the corner loads of one point unrolled.
+
+Per axis, ``SZ_CH``, ``SY_CH`` and ``SX_CH`` name the size channel (D²Conv) or the offset
+component (free offsets: a kernel point's offsets are SX_CH + 1 channels) that moves it; -1: the
+axis is not moved.
 
 Triton turns a constexpr assigned to a local name into a tensor, so compile-time quantities are
 passed inline as arguments (``class_points(...)``) rather than kept in locals.
@@ -22,12 +27,12 @@ import triton.language as tl
 
 
 @triton.constexpr_function
-def axis_points(two, ksize, is_offset, size_ch):
+def axis_points(two, ksize, is_offset, axis_ch):
     """How many kernel indices along one axis read two corners (two=True) or one (two=False)."""
+    if axis_ch < 0:          # an axis not moved: every index is an integer
+        return 0 if two else ksize
     if is_offset:            # free offsets: every index reads two corners
         return ksize if two else 0
-    if size_ch < 0:          # D²Conv axis the mode does not scale: every index is an integer
-        return 0 if two else ksize
     return ksize - 1 if two else 1   # scaled axis: all but the centre read two corners
 
 
@@ -41,9 +46,9 @@ def class_points(TAPS, KD, KH, KW, IS_OFFSET, SZ_CH, SY_CH, SX_CH):
 
 @triton.jit
 def _axis_index(r, TWO: tl.constexpr, KSIZE: tl.constexpr, IS_OFFSET: tl.constexpr,
-                SIZE_CH: tl.constexpr):
+                AXIS_CH: tl.constexpr):
     """The r-th kernel index along one axis among those reading TWO corners or one."""
-    if IS_OFFSET or SIZE_CH < 0:
+    if IS_OFFSET or AXIS_CH < 0:
         return r
     elif TWO:
         return r + (r >= KSIZE // 2).to(tl.int32)     # skip the centre
@@ -218,16 +223,30 @@ def scatter_tile(gx_ptr, row0, ch, ch_ok, HWC, WC, C, grad, fz, fy, fx, okz0, ok
 
 
 @triton.jit
+def offset_component(coord_ptr, coord_row, k, AXIS_CH: tl.constexpr, PER_POINT: tl.constexpr, L,
+                     sp_ok):
+    """[BLOCK_M] fp32 offset of kernel point k along an axis (component AXIS_CH of PER_POINT);
+    zero for an axis without one (AXIS_CH < 0)."""
+    if AXIS_CH >= 0:
+        return tl.load(coord_ptr + coord_row + (k * PER_POINT + AXIS_CH) * L, mask=sp_ok,
+                       other=0.0).to(tl.float32)
+    else:
+        return tl.zeros(sp_ok.shape, tl.float32)
+
+
+@triton.jit
 def kernel_point(coord_ptr, coord_row, mask_ptr, mask_row, L, sp_ok, n64, i, j, l, to, ho, wo,
                  s_z, s_y, s_x, C, T, H, W, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                  SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                  PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                  DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                 IS_OFFSET: tl.constexpr, HAS_MASK: tl.constexpr, TAPS: tl.constexpr):
+                 IS_OFFSET: tl.constexpr, SZ_CH: tl.constexpr, SY_CH: tl.constexpr,
+                 SX_CH: tl.constexpr, HAS_MASK: tl.constexpr, TAPS: tl.constexpr):
     """Where kernel point (i, j, l) (k = (i*KH + j)*KW + l) samples, for a block of voxels.
 
     coord_row: [BLOCK_M] int64, element offset of (n, channel 0 of this offset group, voxel) in
-    the offset tensor, read when IS_OFFSET (channel k*3 + a is (k*3 + a)*L elements further).
+    the offset tensor, read when IS_OFFSET: the offset along an axis with component a >= 0
+    (SZ_CH, SY_CH, SX_CH) is channel k*(SX_CH + 1) + a, (k*(SX_CH + 1) + a)*L elements further.
     mask_row: [BLOCK_M] int64, the same for the mask (channel k is k*L further), read if HAS_MASK.
     s_z, s_y, s_x: [BLOCK_M] fp32 D²Conv scales (see load_sizes; unused when IS_OFFSET).
     sp_ok: [BLOCK_M] row mask; corners of masked rows are all invalid.
@@ -240,9 +259,9 @@ def kernel_point(coord_ptr, coord_row, mask_ptr, mask_row, L, sp_ok, n64, i, j, 
     bx = wo * SW - PW + l * DW
     k = (i * KH + j) * KW + l
     if IS_OFFSET:
-        d_z = tl.load(coord_ptr + coord_row + (k * 3) * L, mask=sp_ok, other=0.0).to(tl.float32)
-        d_y = tl.load(coord_ptr + coord_row + (k * 3 + 1) * L, mask=sp_ok, other=0.0).to(tl.float32)
-        d_x = tl.load(coord_ptr + coord_row + (k * 3 + 2) * L, mask=sp_ok, other=0.0).to(tl.float32)
+        d_z = offset_component(coord_ptr, coord_row, k, SZ_CH, SX_CH + 1, L, sp_ok)
+        d_y = offset_component(coord_ptr, coord_row, k, SY_CH, SX_CH + 1, L, sp_ok)
+        d_x = offset_component(coord_ptr, coord_row, k, SX_CH, SX_CH + 1, L, sp_ok)
     else:
         d_z = size_delta(s_z, i, KD, DD)
         d_y = size_delta(s_y, j, KH, DH)
@@ -262,17 +281,19 @@ def kernel_point(coord_ptr, coord_row, mask_ptr, mask_row, L, sp_ok, n64, i, j, 
 
 
 @triton.jit
-def load_sizes(coord_ptr, coord_row, L, sp_ok, SZ_CH: tl.constexpr, SY_CH: tl.constexpr,
-               SX_CH: tl.constexpr):
-    """The [BLOCK_M] fp32 scales (s_z, s_y, s_x) of one offset group; 1 where the mode fixes it."""
+def load_sizes(coord_ptr, coord_row, L, sp_ok, IS_OFFSET: tl.constexpr, SZ_CH: tl.constexpr,
+               SY_CH: tl.constexpr, SX_CH: tl.constexpr):
+    """The [BLOCK_M] fp32 scales (s_z, s_y, s_x) of one offset group; 1 where the mode fixes it
+    (and for free offsets, which have none)."""
     one = tl.full(sp_ok.shape, 1.0, tl.float32)
     s_z = one
     s_y = one
     s_x = one
-    if SZ_CH >= 0:
-        s_z = tl.load(coord_ptr + coord_row + SZ_CH * L, mask=sp_ok, other=1.0).to(tl.float32)
-    if SY_CH >= 0:
-        s_y = tl.load(coord_ptr + coord_row + SY_CH * L, mask=sp_ok, other=1.0).to(tl.float32)
-    if SX_CH >= 0:
-        s_x = tl.load(coord_ptr + coord_row + SX_CH * L, mask=sp_ok, other=1.0).to(tl.float32)
+    if not IS_OFFSET:
+        if SZ_CH >= 0:
+            s_z = tl.load(coord_ptr + coord_row + SZ_CH * L, mask=sp_ok, other=1.0).to(tl.float32)
+        if SY_CH >= 0:
+            s_y = tl.load(coord_ptr + coord_row + SY_CH * L, mask=sp_ok, other=1.0).to(tl.float32)
+        if SX_CH >= 0:
+            s_x = tl.load(coord_ptr + coord_row + SX_CH * L, mask=sp_ok, other=1.0).to(tl.float32)
     return s_z, s_y, s_x
