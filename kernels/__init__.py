@@ -3,7 +3,7 @@ Triton: 3D, and 2D on the same kernels (a 2D call is a 3D one with one frame and
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the same kernels under the Triton
 interpreter when TRITON_INTERPRET=1 is set, and the PyTorch reference (``kernels.naive``)
-otherwise. Eager calls go through ``ops.Conv3dFunction``; torch.compile and meta tensors through
+otherwise, as float64 tensors do everywhere. Eager calls go through ``ops.Conv3dFunction``; torch.compile and meta tensors through
 the ``torch.ops.d2conv`` custom ops (same kernels). Under ``torch.autocast`` every tensor
 argument is cast to the autocast dtype, so the kernels run in bf16/fp16 on the tensor cores.
 """
@@ -20,7 +20,10 @@ __all__ = ["deform_conv3d", "d2conv3d", "deform_conv2d", "d2conv2d", "offsets_fr
 
 
 def _use_triton(input):
-    # meta tensors take the custom op too: its fake implementation gives the output's shape
+    # meta tensors take the custom op too: its fake implementation gives the output's shape;
+    # float64 runs the reference (the kernels take 16- and 32-bit floats)
+    if input.dtype == torch.float64 and input.device.type != "meta":
+        return False
     return input.is_cuda or input.device.type == "meta" or settings.interpreting()
 
 
