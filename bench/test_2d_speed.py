@@ -124,9 +124,11 @@ def tolerances(op, dtype):
 def record(entry):
     """Merge one timing into <gpu>-2d.json, in place of an earlier one of the same case."""
     gpu = gpu_name()
+    pinned = {kernel: settings.pinned_config(kernel) for kernel in ("FWD", "BWD_DATA", "BWD_INPUT")
+              if settings.pinned_config(kernel)}
     merge(f"{gpu}-2d.json", dict(gpu=gpu, **entry, torch=torch.__version__,
                                  triton=__import__("triton").__version__,
-                                 autotuned=settings.autotune()),
+                                 autotuned=settings.autotune(), **({"pinned": pinned} if pinned else {})),
           key=("shape", "dtype", "op", "pass"))
 
 

@@ -63,6 +63,12 @@ def test_table_of_a_2d_record(bench_path):
                      "6.2 (3.1×)", "4.0×"]
     cells = [c.strip() for c in lines[4].strip("|").split("|")]
     assert cells[3:5] == ["", ""] and cells[-1] == ""
+    for r in rows:      # dense is not a kernel row: no mark; deform_conv2d bf16 is marked
+        if (r["shape"], r["pass"], r["dtype"]) == ("res56", "fwd", "bfloat16"):
+            r["autotuned"] = r["op"] not in ("dense", "deform_conv2d")
+    lines = table.table_2d(rows).splitlines()
+    assert [c.strip() for c in lines[4].strip("|").split("|")][6] == "3 (3.0×) d"
+    assert lines[-1].startswith("d: the kernels' default configs")
 
 
 def test_2d_suite_data(bench_path):
