@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels.checks import SIZE_CHANNELS
+from kernels.checks import SIZE_CHANNELS, ntuple
 
 SIZE_ACTIVATIONS = {
     "elu": lambda raw: F.elu(raw) + 1,                   # the paper's default
@@ -18,16 +18,6 @@ SIZE_ACTIVATIONS = {
 }
 
 CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
-
-
-def _ntuple(value, name, dims):
-    """int or ``dims``-sequence -> tuple of ``dims`` ints."""
-    if isinstance(value, int):
-        return (value,) * dims
-    value = tuple(value)
-    if len(value) != dims or not all(isinstance(v, int) for v in value):
-        raise ValueError(f"{name} must be an int or a sequence of {dims} ints, got {value!r}")
-    return value
 
 
 class _SampledConv(nn.Module):
@@ -49,10 +39,10 @@ class _SampledConv(nn.Module):
                              f"in_channels={in_channels}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.offset_groups = offset_groups
-        self.kernel_size = _ntuple(kernel_size, "kernel_size", self.dims)
-        self.stride, self.padding, self.dilation = (_ntuple(stride, "stride", self.dims),
-                                                    _ntuple(padding, "padding", self.dims),
-                                                    _ntuple(dilation, "dilation", self.dims))
+        self.kernel_size = ntuple(kernel_size, "kernel_size", self.dims)
+        self.stride, self.padding, self.dilation = (ntuple(stride, "stride", self.dims),
+                                                    ntuple(padding, "padding", self.dims),
+                                                    ntuple(dilation, "dilation", self.dims))
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups,
                                                *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
@@ -67,7 +57,7 @@ class _SampledConv(nn.Module):
     @classmethod
     def kernel_points(cls, kernel_size):
         """K, the number of kernel points of ``kernel_size`` in this layer's dimensions."""
-        return math.prod(_ntuple(kernel_size, "kernel_size", cls.dims))
+        return math.prod(ntuple(kernel_size, "kernel_size", cls.dims))
 
     def reset_parameters(self):
         # the main weights as nn.Conv2d / nn.Conv3d initialise them; the predictor starts at zero

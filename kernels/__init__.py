@@ -3,15 +3,15 @@ Triton: 3D, and 2D on the same kernels (a 2D call is a 3D one with one frame and
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the same kernels under the Triton
 interpreter when TRITON_INTERPRET=1 is set, and the PyTorch reference (``kernels.naive``)
-otherwise, as float64 tensors do everywhere. Eager calls go through ``ops.Conv3dFunction``; torch.compile and meta tensors through
-the ``torch.ops.d2conv`` custom ops (same kernels). Under ``torch.autocast`` every tensor
+otherwise, as float64 tensors do everywhere. Eager calls go through ``ops.Conv3dFunction``;
+torch.compile and meta tensors through the ``torch.ops.d2conv`` custom ops (same kernels). Under ``torch.autocast`` every tensor
 argument is cast to the autocast dtype, so the kernels run in bf16/fp16 on the tensor cores.
 """
 import torch
 
 # ops registers torch.ops.d2conv.* (Triton is imported on first use)
 from . import naive, ops, settings
-from .checks import OFFSET_AXES, SIZE_CHANNELS, check_args
+from .checks import OFFSET_AXES, SIZE_CHANNELS, check_args, ntuple
 from .naive import offsets_from_size
 from .settings import set_autotune
 
@@ -90,12 +90,7 @@ def d2conv3d(input, size, weight, bias=None, stride=1, padding=0, dilation=1, ma
 
 def _pair(value, name, first):
     """int or 2-sequence -> the (t, h, w) triple of a 2D call: ``first`` for t."""
-    if isinstance(value, int):
-        return (first, value, value)
-    value = tuple(value)
-    if len(value) != 2 or not all(isinstance(v, int) for v in value):
-        raise ValueError(f"{name} must be an int or a sequence of 2 ints, got {value!r}")
-    return (first, *value)
+    return (first, *ntuple(value, name, 2))
 
 
 def _as_3d(**tensors):

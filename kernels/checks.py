@@ -17,14 +17,19 @@ OFFSET_AXES = {"offset": (0, 1, 2), "offset_yx": (None, 0, 1)}
 OFFSET_COMPONENTS = {mode: 1 + axes[2] for mode, axes in OFFSET_AXES.items()}
 
 
+def ntuple(value, name, n):
+    """int or n-sequence -> tuple of n ints; a ValueError naming ``name`` otherwise."""
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(value)
+    if len(value) != n or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {value!r}")
+    return value
+
+
 def triple(value, name):
     """int or 3-sequence -> tuple of 3 ints."""
-    if isinstance(value, int):
-        return (value, value, value)
-    value = tuple(value)
-    if len(value) != 3 or not all(isinstance(v, int) for v in value):
-        raise ValueError(f"{name} must be an int or a sequence of 3 ints, got {value!r}")
-    return value
+    return ntuple(value, name, 3)
 
 
 @dataclass(frozen=True)
