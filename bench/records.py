@@ -25,6 +25,24 @@ def write(name, data):
     return path
 
 
+def record_timing(name, entry):
+    """Merge one timing (shape, dtype, op, pass, ...) into RESULTS/<gpu><name>, in place of an
+    earlier one of the same case, with the card, the software and how the kernels were configured
+    (autotuned; any config pinned through kernels.settings)."""
+    import torch
+    import triton
+
+    from kernels import settings
+
+    gpu = gpu_name()
+    pinned = {kernel: settings.pinned_config(kernel) for kernel in ("FWD", "BWD_DATA", "BWD_INPUT")
+              if settings.pinned_config(kernel)}
+    merge(f"{gpu}{name}", dict(gpu=gpu, **entry, torch=torch.__version__,
+                               triton=triton.__version__, autotuned=settings.autotune(),
+                               **({"pinned": pinned} if pinned else {})),
+          key=("shape", "dtype", "op", "pass"))
+
+
 def merge(name, row, key):
     """Put ``row`` into the list of rows in RESULTS/name, in place of the row with the same values
     of the ``key`` fields; the other rows stay. Rows are kept sorted by key."""

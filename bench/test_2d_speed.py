@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import naive, settings
-from records import gpu_name, merge
-from test_kernel_speed import peak_extra_mib, timed
+from kernels import naive
+from records import record_timing
+from test_kernel_speed import time_case, timed
 
 SHAPES = {  # name: (N, C_in, C_out, H, W)
     "det64": (8, 256, 256, 64, 64),
@@ -121,17 +121,6 @@ def tolerances(op, dtype):
     return tol
 
 
-def record(entry):
-    """Merge one timing into <gpu>-2d.json, in place of an earlier one of the same case."""
-    gpu = gpu_name()
-    pinned = {kernel: settings.pinned_config(kernel) for kernel in ("FWD", "BWD_DATA", "BWD_INPUT")
-              if settings.pinned_config(kernel)}
-    merge(f"{gpu}-2d.json", dict(gpu=gpu, **entry, torch=torch.__version__,
-                                 triton=__import__("triton").__version__,
-                                 autotuned=settings.autotune(), **({"pinned": pinned} if pinned else {})),
-          key=("shape", "dtype", "op", "pass"))
-
-
 _verified = {}
 
 
@@ -169,8 +158,6 @@ def verify(op, shape, dtype):
 @pytest.mark.parametrize("dtype,op", CASES, ids=[f"{dtype}-{op}" for dtype, op in CASES])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_speed_2d(benchmark, shape, dtype, op, pass_):
-    import triton
-
     extra = {}
     if op == "torchvision":
         torchvision_ops()
@@ -179,17 +166,7 @@ def test_speed_2d(benchmark, shape, dtype, op, pass_):
     errors = None if op == "dense" else verify(op, shape, dtype)
     torch.manual_seed(0)                    # the same draws whether or not the check ran
     fn, inputs = make(SHAPES[shape], dtype, op)
-    run = timed(fn, inputs, pass_)
-    run()                                   # autotune / compile outside the timing
-    torch.cuda.synchronize()
-    median_ms = triton.testing.do_bench(run, warmup=100, rep=500, return_mode="median")
-
-    def synced():
-        run()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(synced, rounds=20, iterations=1, warmup_rounds=3)
-    peak = peak_extra_mib(run) if pass_ == "fwdbwd" else None
-    benchmark.extra_info.update(median_ms=median_ms, peak_extra_mib=peak)
-    record(dict(shape=shape, dtype=dtype, op=op, **{"pass": pass_}, median_ms=median_ms,
-                peak_extra_mib=peak, rel_errors=errors, **extra))
+    median_ms, peak = time_case(benchmark, timed(fn, inputs, pass_), pass_)
+    record_timing("-2d.json", dict(shape=shape, dtype=dtype, op=op, **{"pass": pass_},
+                                   median_ms=median_ms, peak_extra_mib=peak, rel_errors=errors,
+                                   **extra))

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import settings
-from records import gpu_name, merge
+from records import record_timing
 
 SHAPES = {  # name: (N, C_in, C_out, T, H, W)
     "rf3": (2, 256, 256, 2, 30, 54),
@@ -94,13 +93,23 @@ def peak_extra_mib(run):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def record(entry):
-    """Merge one timing into <gpu>.json, in place of an earlier one of the same case."""
-    gpu = gpu_name()
-    merge(f"{gpu}.json", dict(gpu=gpu, **entry, torch=torch.__version__,
-                              triton=__import__("triton").__version__,
-                              autotuned=settings.autotune()),
-          key=("shape", "dtype", "op", "pass"))
+def time_case(benchmark, run, pass_):
+    """Time ``run`` once compiled: (CUDA-event median ms, peak extra MiB of a forward+backward or
+    None); pytest-benchmark keeps its own host-clock rounds beside them."""
+    import triton
+
+    run()                                   # autotune / compile outside the timing
+    torch.cuda.synchronize()
+    median_ms = triton.testing.do_bench(run, warmup=100, rep=500, return_mode="median")
+
+    def synced():
+        run()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(synced, rounds=20, iterations=1, warmup_rounds=3)
+    peak = peak_extra_mib(run) if pass_ == "fwdbwd" else None
+    benchmark.extra_info.update(median_ms=median_ms, peak_extra_mib=peak)
+    return median_ms, peak
 
 
 _verified = {}
@@ -137,23 +146,10 @@ def verify(op, shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_speed(benchmark, shape, dtype, op, pass_):
-    import triton
-
     torch.manual_seed(0)
     if op in ("d2conv3d", "deform_conv3d"):
         verify(op, shape, dtype)
     fn, inputs = make(SHAPES[shape], DTYPES[dtype], op)
-    run = timed(fn, inputs, pass_)
-    run()                                   # autotune / compile outside the timing
-    torch.cuda.synchronize()
-    median_ms = triton.testing.do_bench(run, warmup=100, rep=500, return_mode="median")
-
-    def synced():
-        run()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(synced, rounds=20, iterations=1, warmup_rounds=3)
-    peak = peak_extra_mib(run) if pass_ == "fwdbwd" else None
-    benchmark.extra_info.update(median_ms=median_ms, peak_extra_mib=peak)
-    record(dict(shape=shape, dtype=dtype, op=op, **{"pass": pass_}, median_ms=median_ms,
-                peak_extra_mib=peak))
+    median_ms, peak = time_case(benchmark, timed(fn, inputs, pass_), pass_)
+    record_timing(".json", dict(shape=shape, dtype=dtype, op=op, **{"pass": pass_},
+                                median_ms=median_ms, peak_extra_mib=peak))
