@@ -89,7 +89,16 @@ BWD_INPUT = {"16-bit": [_cfg(8, 1, BZ=2, BY=8, BX=8, BLOCK_P=128, BLOCK_C=128),
 BWD_INPUT["tf32"] = BWD_INPUT["tf32x3"] = BWD_INPUT["ieee"] = [
     _cfg(8, 1, BZ=1, BY=8, BX=8, BLOCK_P=32, BLOCK_C=128),
     _cfg(8, 1, BZ=2, BY=8, BX=8, BLOCK_P=32, BLOCK_C=32)]
-CANDIDATES = {"FWD": FWD, "BWD_DATA": BWD_DATA, "BWD_INPUT": BWD_INPUT}
+# the Gluon forward for Hopper (kernels/hopper.py), 16-bit inputs only: one warpgroup whose
+# product of a tile runs while it gathers the next, or two splitting the rows
+FWD_HOPPER = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64),
+                         _cfg(4, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64),
+                         _cfg(4, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=32),
+                         _cfg(8, 1, BLOCK_M=128, BLOCK_N=256, BLOCK_C=64),
+                         _cfg(8, 1, BLOCK_M=128, BLOCK_N=256, BLOCK_C=32),
+                         _cfg(4, 1, BLOCK_M=64, BLOCK_N=128, BLOCK_C=64),
+                         _cfg(4, 1, BLOCK_M=128, BLOCK_N=64, BLOCK_C=32)]}
+CANDIDATES = {"FWD": FWD, "BWD_DATA": BWD_DATA, "BWD_INPUT": BWD_INPUT, "FWD_HOPPER": FWD_HOPPER}
 
 
 def all_candidates(kernel):
@@ -175,12 +184,15 @@ def pinned(kernel, args):
     return None
 
 
-def launch(kernel_fn, tuned_fn, name, grid, args):
-    """Launch a kernel with its pinned config, or through its autotuner."""
+def launch(kernel_fn, tuned_fn, name, grid, args, pre_hook=None):
+    """Launch a kernel with its pinned config, or through its autotuner. ``pre_hook``, what the
+    autotuner's configs run before a launch, runs on the arguments with the pinned config's."""
     config = pinned(name, args)
     if config is None:
         tuned_fn[grid](**args)
     else:
+        if pre_hook is not None:
+            pre_hook({**args, **config.kwargs})
         launch_options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
         if config.maxnreg is not None:
             launch_options["maxnreg"] = config.maxnreg

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
+from . import configs, settings
 from .launch import LaunchGeometry, channels_last, weight_tiles
 from .sampling import (class_point, class_points, gather_tile, kernel_point, load_sizes,
                        output_voxels)
@@ -86,9 +86,30 @@ d2conv_fwd_tuned = triton.autotune(configs.all_candidates("FWD"), key=configs.KE
     d2conv_fwd_kernel)
 
 
+def _gluon(geo, input):
+    """Whether the forward takes the Gluon kernel (kernels/hopper.py): settings.forward()."""
+    choice = settings.forward()
+    if choice == "triton" or settings.interpreting():
+        return False
+    try:
+        from . import hopper
+    except ImportError as error:        # a Triton without Gluon's Hopper modules
+        if choice == "gluon":
+            raise RuntimeError(f"D2CONV_FORWARD=gluon: this Triton cannot build the Gluon "
+                               f"forward ({error})") from None
+        return False
+    why_not = hopper.refusal(geo, input, tested_only=choice == "auto")
+    if why_not and choice == "gluon":
+        raise ValueError(f"D2CONV_FORWARD=gluon cannot take this call: {why_not}")
+    return not why_not
+
+
 def d2conv_fwd(geo, input, coords, weight, bias, mask, mode):
-    """Forward of the free-offset modes ("offset", "offset_yx") and the D²Conv modes; returns (N, Co, To, Ho, Wo) in the
-    channels_last_3d memory format."""
+    """Forward of the free-offset modes ("offset", "offset_yx") and the D²Conv modes; returns
+    (N, Co, To, Ho, Wo) in the channels_last_3d memory format."""
+    if _gluon(geo, input):
+        from .hopper import d2conv_fwd_hopper
+        return d2conv_fwd_hopper(geo, input, coords, weight, bias, mask, mode)
     shape = LaunchGeometry.of(geo, mode, coords, mask, input.dtype)
     # TF32 tensor-core products take the weight tile with its reduction axis (input channels)
     # contiguous, else Triton transposes each tile through shared memory (rf2, H100: 5.4 -> 2.6

@@ -21,6 +21,11 @@ axis is not moved.
 
 Triton turns a constexpr assigned to a local name into a tensor, so compile-time quantities are
 passed inline as arguments (``class_points(...)``) rather than kept in locals.
+
+The Gluon forward (kernels/hopper.py) calls these helpers too. Gluon tensors carry a layout, so
+no helper creates a tensor from a shape alone: a constant tile is ``tl.where(like, c, c)`` on a
+tensor of the wanted shape (folded to a constant by the compiler) and tiles start from their
+first term.
 """
 import triton
 import triton.language as tl
@@ -113,7 +118,7 @@ def axis_taps(base, delta, size, TWO: tl.constexpr):
         i0 = p0.to(tl.int32)
     else:
         i0 = base
-        frac = tl.zeros(base.shape, tl.float32)
+        frac = tl.where(base == base, 0.0, 0.0)
     return i0, frac, (i0 >= 0) & (i0 < size), (i0 >= -1) & (i0 < size - 1)
 
 
@@ -136,7 +141,6 @@ def gather_tile(x_ptr, row0, ch, ch_ok, HWC, WC, C,
     scale: [BLOCK_M] fp32, multiplies every corner weight (the modulation mask, or 1)
     Returns the fp32 [BLOCK_M, BLOCK_C] tile of scale * value.
     """
-    value = tl.zeros((row0.shape[0], ch.shape[0]), tl.float32)
     for cz in tl.static_range(1 + (TAPS >> 2) % 2):
         wz, okz = _tap(cz, fz, okz0, okz1)
         for cy in tl.static_range(1 + (TAPS >> 1) % 2):
@@ -146,7 +150,11 @@ def gather_tile(x_ptr, row0, ch, ch_ok, HWC, WC, C,
                 ok = okz & oky & okx
                 ptr = x_ptr + (row0 + (cz * HWC + cy * WC + cx * C))[:, None] + ch[None, :]
                 v = tl.load(ptr, mask=ok[:, None] & ch_ok[None, :], other=0.0).to(tl.float32)
-                value += (wz * wy * wx * scale)[:, None] * v
+                term = (wz * wy * wx * scale)[:, None] * v
+                if cz + cy + cx == 0:       # the first corner starts the sum
+                    value = term
+                else:
+                    value += term
     return value
 
 
@@ -231,7 +239,7 @@ def offset_component(coord_ptr, coord_row, k, AXIS_CH: tl.constexpr, PER_POINT: 
         return tl.load(coord_ptr + coord_row + (k * PER_POINT + AXIS_CH) * L, mask=sp_ok,
                        other=0.0).to(tl.float32)
     else:
-        return tl.zeros(sp_ok.shape, tl.float32)
+        return tl.where(sp_ok, 0.0, 0.0)
 
 
 @triton.jit
@@ -285,7 +293,7 @@ def load_sizes(coord_ptr, coord_row, L, sp_ok, IS_OFFSET: tl.constexpr, SZ_CH: t
                SY_CH: tl.constexpr, SX_CH: tl.constexpr):
     """The [BLOCK_M] fp32 scales (s_z, s_y, s_x) of one offset group; 1 where the mode fixes it
     (and for free offsets, which have none)."""
-    one = tl.full(sp_ok.shape, 1.0, tl.float32)
+    one = tl.where(sp_ok, 1.0, 1.0)
     s_z = one
     s_y = one
     s_x = one

@@ -14,7 +14,8 @@ set from code, which wins over the environment:
   D2CONV_CONFIG_FWD=...        pin one config of a kernel: FWD (forward), BWD_DATA (the
   D2CONV_CONFIG_BWD_DATA=...   backward's data kernel), BWD_INPUT (the pulled input gradient),
   D2CONV_CONFIG_BWD_INPUT=...  as NAME=INT,... e.g. "BLOCK_M=64,BLOCK_N=128,BLOCK_C=32,
-                               num_warps=4,num_stages=2" (maxnreg=N caps registers per thread)
+  D2CONV_CONFIG_FWD_HOPPER=... num_warps=4,num_stages=2" (maxnreg=N caps registers per thread);
+                               FWD_HOPPER: the Gluon forward (kernels/hopper.py)
   D2CONV_GCOL_MIB=128          the most memory (MiB) the backward's columns take at once (their
                                gradient, then the sampled columns); at least one kernel point's
   D2CONV_FP32_DOT=ieee         the forward's product for strict fp32 inputs (TF32 not allowed
@@ -23,17 +24,23 @@ set from code, which wins over the environment:
   D2CONV_INPUT_GRAD=auto       the input gradient of D²Conv modes: scatter (fp32 atomics), pull
                                (no atomics, kernels/input_grad.py) or auto (pull in
                                deterministic mode only)
+  D2CONV_FORWARD=auto          the forward's kernel: gluon (kernels/hopper.py: bf16/fp16 on an
+                               sm_90 GPU), triton (kernels/forward.py, every dtype and GPU) or
+                               auto (gluon where it takes the call and was tested with the
+                               installed Triton, else triton)
 """
 import contextlib
 import os
 
 __all__ = ["configure", "override", "set_autotune", "autotune", "pinned_config", "gcol_bytes",
-           "fp32_dot", "input_grad", "interpreting", "SETTINGS"]
+           "fp32_dot", "input_grad", "forward", "interpreting", "SETTINGS"]
 
 # name: default; the environment variable is "D2CONV_" + NAME
 SETTINGS = {"autotune": "1", "config_fwd": "", "config_bwd_data": "", "config_bwd_input": "",
-            "gcol_mib": "128", "fp32_dot": "ieee", "input_grad": "auto"}
-_CHOICES = {"fp32_dot": ("ieee", "tf32x3"), "input_grad": ("auto", "scatter", "pull")}
+            "config_fwd_hopper": "",
+            "gcol_mib": "128", "fp32_dot": "ieee", "input_grad": "auto", "forward": "auto"}
+_CHOICES = {"fp32_dot": ("ieee", "tf32x3"), "input_grad": ("auto", "scatter", "pull"),
+            "forward": ("auto", "triton", "gluon")}
 
 _overrides = {}     # set from code: name -> text
 
@@ -124,3 +131,8 @@ def fp32_dot() -> str:
 def input_grad() -> str:
     """How D²Conv's input gradient is made: "auto", "scatter" or "pull"."""
     return _choice("input_grad")
+
+
+def forward() -> str:
+    """The forward's kernel: "auto", "triton" or "gluon"."""
+    return _choice("forward")
