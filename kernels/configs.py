@@ -89,15 +89,16 @@ BWD_INPUT = {"16-bit": [_cfg(8, 1, BZ=2, BY=8, BX=8, BLOCK_P=128, BLOCK_C=128),
 BWD_INPUT["tf32"] = BWD_INPUT["tf32x3"] = BWD_INPUT["ieee"] = [
     _cfg(8, 1, BZ=1, BY=8, BX=8, BLOCK_P=32, BLOCK_C=128),
     _cfg(8, 1, BZ=2, BY=8, BX=8, BLOCK_P=32, BLOCK_C=32)]
-# the Gluon forward for Hopper (kernels/hopper.py), 16-bit inputs only: one warpgroup whose
-# product of a tile runs while it gathers the next, or two splitting the rows
-FWD_HOPPER = {"16-bit": [_cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64),
-                         _cfg(4, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64),
-                         _cfg(4, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=32),
-                         _cfg(8, 1, BLOCK_M=128, BLOCK_N=256, BLOCK_C=64),
+# the Gluon forward for Hopper (kernels/hopper.py), 16-bit inputs only. Two 4-warp programs an
+# SM (a 64 x 256 fp32 accumulator takes 128 registers a thread) ran rf2 fastest, 128 x 64 tiles
+# the early shape's 64 output channels (H200, 2026-12-02: docs/design.md#the-hopper-forward)
+FWD_HOPPER = {"16-bit": [_cfg(4, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=32),
+                         _cfg(4, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=16),
+                         _cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64),
                          _cfg(8, 1, BLOCK_M=128, BLOCK_N=256, BLOCK_C=32),
-                         _cfg(4, 1, BLOCK_M=64, BLOCK_N=128, BLOCK_C=64),
-                         _cfg(4, 1, BLOCK_M=128, BLOCK_N=64, BLOCK_C=32)]}
+                         _cfg(4, 1, BLOCK_M=128, BLOCK_N=64, BLOCK_C=32),
+                         _cfg(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_C=32),
+                         _cfg(8, 1, BLOCK_M=256, BLOCK_N=64, BLOCK_C=32)]}
 CANDIDATES = {"FWD": FWD, "BWD_DATA": BWD_DATA, "BWD_INPUT": BWD_INPUT, "FWD_HOPPER": FWD_HOPPER}
 
 

@@ -89,7 +89,7 @@ d2conv_fwd_tuned = triton.autotune(configs.all_candidates("FWD"), key=configs.KE
 def _gluon(geo, input):
     """Whether the forward takes the Gluon kernel (kernels/hopper.py): settings.forward()."""
     choice = settings.forward()
-    if choice == "triton" or settings.interpreting():
+    if choice == "triton" or (choice == "auto" and not input.is_cuda):
         return False
     try:
         from . import hopper

@@ -132,7 +132,7 @@ def d2conv_fwd_hopper_kernel(
                     _tma_load(w_desc, [w_row + c0, n0], ready.index(slot), w_smem.index(slot))
                     a = gather_tile(x_ptr, row0, c_first + c0 + offs_c, c0 + offs_c < SEG,
                                     H * W * C, W * C, C, fz, fy, fx, okz0, okz1, oky0, oky1,
-                                    okx0, okx1, scale, TAPS)
+                                    okx0, okx1, scale, TAPS, BLEND_16=True)
                     a_smem.index(slot).store(a.to(dtype))
                     fence_async_shared()
                     _barrier()                  # every warp's rows are in the slot

@@ -133,13 +133,15 @@ def _tap(c: tl.constexpr, frac, ok0, ok1):
 
 @triton.jit
 def gather_tile(x_ptr, row0, ch, ch_ok, HWC, WC, C,
-                fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, scale, TAPS: tl.constexpr):
+                fz, fy, fx, okz0, okz1, oky0, oky1, okx0, okx1, scale, TAPS: tl.constexpr,
+                BLEND_16: tl.constexpr = False):
     """Trilinear samples of one kernel point over a block of channels.
 
     row0:  [BLOCK_M] int64, element offset of corner (i0, j0, l0) of each sample (channel 0)
     ch:    [BLOCK_C] int32, channel indices; ch_ok their mask
     scale: [BLOCK_M] fp32, multiplies every corner weight (the modulation mask, or 1)
-    Returns the fp32 [BLOCK_M, BLOCK_C] tile of scale * value.
+    BLEND_16: blend in the input's 16-bit dtype (two channels an instruction, no conversions)
+    Returns the [BLOCK_M, BLOCK_C] tile of scale * value, fp32 (or the input's dtype).
     """
     for cz in tl.static_range(1 + (TAPS >> 2) % 2):
         wz, okz = _tap(cz, fz, okz0, okz1)
@@ -149,13 +151,38 @@ def gather_tile(x_ptr, row0, ch, ch_ok, HWC, WC, C,
                 wx, okx = _tap(cx, fx, okx0, okx1)
                 ok = okz & oky & okx
                 ptr = x_ptr + (row0 + (cz * HWC + cy * WC + cx * C))[:, None] + ch[None, :]
-                v = tl.load(ptr, mask=ok[:, None] & ch_ok[None, :], other=0.0).to(tl.float32)
-                term = (wz * wy * wx * scale)[:, None] * v
-                if cz + cy + cx == 0:       # the first corner starts the sum
-                    value = term
+                v = tl.load(ptr, mask=ok[:, None] & ch_ok[None, :], other=0.0)
+                if BLEND_16:
+                    w = tl.broadcast_to((wz * wy * wx * scale).to(v.dtype)[:, None], v.shape)
+                    if cz + cy + cx == 0:
+                        value = _packed_fma(w, v, v, True)
+                    else:
+                        value = _packed_fma(w, v, value, False)
                 else:
-                    value += term
+                    term = (wz * wy * wx * scale)[:, None] * v.to(tl.float32)
+                    if cz + cy + cx == 0:       # the first corner starts the sum
+                        value = term
+                    else:
+                        value += term
     return value
+
+
+@triton.jit
+def _packed_fma(w, v, acc, FIRST: tl.constexpr):
+    """w * v (FIRST) or w * v + acc on pairs of 16-bit values, two channels an instruction
+    (LLVM emits 16-bit arithmetic one value at a time); bf16x2 needs sm_90."""
+    if v.dtype == tl.bfloat16:
+        if FIRST:
+            return tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [w, v],
+                                             dtype=v.dtype, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise("fma.rn.bf16x2 $0, $1, $2, $3;", "=r,r,r,r",
+                                         [w, v, acc], dtype=v.dtype, is_pure=True, pack=2)
+    else:
+        if FIRST:
+            return tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [w, v],
+                                             dtype=v.dtype, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r",
+                                         [w, v, acc], dtype=v.dtype, is_pure=True, pack=2)
 
 
 @triton.jit
