@@ -1,6 +1,7 @@
 """The kernels compile for an H100 (sm_90) with the installed Triton, on a machine without a GPU,
 with vectorised channel loads: the interpreter, which runs them everywhere else in CI, checks
-their math but compiles nothing."""
+their math but compiles nothing. The Gluon forward (kernels/hopper.py), which no interpreter
+runs, compiles with its asynchronous wgmma and TMA weight tiles."""
 import os
 import subprocess
 import sys
@@ -12,14 +13,21 @@ import triton
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+SM90_SHARED = 232448        # bytes of shared memory a block may take on sm_90 (227 KiB)
+
+try:
+    import kernels.hopper  # noqa: F401
+    HOPPER_MISSING = ""
+except ImportError as error:    # a Triton without Gluon's Hopper modules
+    HOPPER_MISSING = str(error)
 
 
-def compile_check(*args):
-    """compile_check.py's lines for these arguments (on the tiny shape, first configs)."""
+def compile_check(*args, shape="tiny"):
+    """compile_check.py's lines for these arguments (on ``shape``, first configs)."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "compile_check.py"), "--shape", "tiny", "--first",
+        [sys.executable, str(REPO / "bench" / "compile_check.py"), "--shape", shape, "--first",
          *args], env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.splitlines()
@@ -29,15 +37,23 @@ def registers(line):
     return int(line.split(":")[-1].split("regs")[0])
 
 
+def figure(line, unit):
+    """The number before ``unit`` in a line (" B stack/local", " B shared", " wgmma", ...)."""
+    return int(line.split(unit)[0].split()[-1])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU suite compiles them for real")
 @pytest.mark.skipif(not (TOOLS / "cuobjdump").exists(), reason="Triton without its CUDA tools")
 def test_kernels_compile_for_sm90():
     lines = compile_check("--dtype", "bfloat16", "float32", "float32-tf32")
-    # 3 dtypes x 2 kernels, each with its registers read back from the cubin, and channel rows
-    # moved several channels per instruction (a runtime mask or offset along the channels that
-    # Triton cannot prove aligned turns them into one load / atomic per element); the data
-    # kernel's column tiles stored by the threads that loaded them (it overwrites its input)
-    assert len(lines) == 6, lines
+    # 3 dtypes x 2 kernels, and the Gluon forward for bf16 only, each with its registers read
+    # back from the cubin, and channel rows moved several channels per instruction (a runtime
+    # mask or offset along the channels that Triton cannot prove aligned turns them into one
+    # load / atomic per element); the data kernel's column tiles stored by the threads that
+    # loaded them (it overwrites its input)
+    hopper = [line.split()[0] for line in lines if line.split()[1] == "FWD_HOPPER"]
+    assert hopper == ([] if HOPPER_MISSING else ["bfloat16"]), lines
+    assert len(lines) == 6 + len(hopper), lines
     for line in lines:
         cap = int(line.split("maxnreg=")[1].split(":")[0]) if "maxnreg=" in line else 255
         assert 0 < registers(line) <= cap, line
@@ -68,3 +84,28 @@ def test_pulled_input_gradient_compiles_for_sm90():
         assert 0 < registers(line) <= 255, line
         assert int(line.split(" vector loads")[0].split()[-1]) > 0, line
         assert int(line.split(" vector atomics")[0].split()[-1]) == 0, line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU suite compiles them for real")
+@pytest.mark.skipif(not (TOOLS / "cuobjdump").exists(), reason="Triton without its CUDA tools")
+@pytest.mark.skipif(bool(HOPPER_MISSING),
+                    reason=f"this Triton cannot build the Gluon forward: {HOPPER_MISSING}")
+@pytest.mark.parametrize("shape, dtypes", [("tiny", ["bfloat16", "float16"]),
+                                           ("rf2", ["bfloat16"])])
+def test_hopper_forward_compiles_for_sm90(shape, dtypes):
+    """The Gluon forward's default config, at the paper's rf2 shape too: no spills, its two
+    shared-memory slots within sm_90's limit, the weight tiles loaded by TMA and the wgmma
+    products asynchronous (a wait that leaves one in flight while the next tile is gathered)."""
+    lines = compile_check("--dtype", *dtypes, "--kernel", "FWD_HOPPER", shape=shape)
+    assert [line.split()[:2] for line in lines] == [[d, "FWD_HOPPER"] for d in dtypes], lines
+    for line in lines:
+        print(shape, line)
+        assert 0 < registers(line) <= 255, line
+        assert figure(line, " B shared") <= SM90_SHARED, line
+        assert figure(line, " wgmma") > 0, line
+        assert "wait_group 1 present" in line, line
+        assert figure(line, " TMA loads") > 0, line
+        spills = figure(line, " B stack/local")
+        assert spills == 0, (f"the default FWD_HOPPER config (kernels/configs.py, the first "
+                             f"16-bit candidate) spills {spills} B a thread at {shape} "
+                             f"({registers(line)} registers): {line}")
