@@ -93,9 +93,13 @@ def test_pulled_input_gradient_compiles_for_sm90():
 @pytest.mark.parametrize("shape, dtypes", [("tiny", ["bfloat16", "float16"]),
                                            ("rf2", ["bfloat16"])])
 def test_hopper_forward_compiles_for_sm90(shape, dtypes):
-    """The Gluon forward's default config, at the paper's rf2 shape too: no spills, its two
-    shared-memory slots within sm_90's limit, the weight tiles loaded by TMA and the wgmma
-    products asynchronous (a wait that leaves one in flight while the next tile is gathered)."""
+    """The Gluon forward's default config, at the paper's rf2 shape too: its two shared-memory
+    slots within sm_90's limit, the weight tiles loaded by TMA, the wgmma products asynchronous
+    (a wait that leaves one in flight while the next tile is gathered), and at most a few spilled
+    registers. At rf2 its 64x256 fp32 accumulator holds 128 of a thread's 255 registers and 32
+    bytes spill (Triton 3.6 and 3.9), stored and reloaded once per segment and tap class, outside
+    the loop over channel blocks (its SASS); the tile that spills nothing, 64x256x16, ran rf2 in
+    1.07 ms against 0.76 (H200, 2026-12-02)."""
     lines = compile_check("--dtype", *dtypes, "--kernel", "FWD_HOPPER", shape=shape)
     assert [line.split()[:2] for line in lines] == [[d, "FWD_HOPPER"] for d in dtypes], lines
     for line in lines:
@@ -106,6 +110,6 @@ def test_hopper_forward_compiles_for_sm90(shape, dtypes):
         assert "wait_group 1 present" in line, line
         assert figure(line, " TMA loads") > 0, line
         spills = figure(line, " B stack/local")
-        assert spills == 0, (f"the default FWD_HOPPER config (kernels/configs.py, the first "
-                             f"16-bit candidate) spills {spills} B a thread at {shape} "
-                             f"({registers(line)} registers): {line}")
+        assert spills <= (0 if shape == "tiny" else 32), (
+            f"the default FWD_HOPPER config (kernels/configs.py, the first 16-bit candidate) "
+            f"spills {spills} B a thread at {shape} ({registers(line)} registers): {line}")
