@@ -35,7 +35,8 @@ def record_timing(name, entry):
     from kernels import settings
 
     gpu = gpu_name()
-    pinned = {kernel: settings.pinned_config(kernel) for kernel in ("FWD", "BWD_DATA", "BWD_INPUT")
+    pinned = {kernel: settings.pinned_config(kernel)
+              for kernel in ("FWD", "FWD_HOPPER", "BWD_DATA", "BWD_INPUT")
               if settings.pinned_config(kernel)}
     merge(f"{gpu}{name}", dict(gpu=gpu, **entry, torch=torch.__version__,
                                triton=triton.__version__, autotuned=settings.autotune(),

@@ -13,7 +13,11 @@ from pathlib import Path
 from records import RESULTS
 
 ORDER = {"rf3": 0, "rf2": 1, "rf2_in512": 2, "early": 3}
-OPS = ["d2conv3d", "deform_conv3d", "reference"]
+# d2conv3d: the default forward (rows without a "forward" field predate the Gluon forward and
+# ran the Triton one); d2conv3d_triton: the Triton forward forced; d2conv3d_smooth: a smooth
+# size map (bench/test_kernel_speed.py)
+OPS = ["d2conv3d", "d2conv3d_triton", "d2conv3d_smooth", "deform_conv3d", "reference"]
+LABELS = {"d2conv3d_triton": "d2conv3d, Triton forward", "d2conv3d_smooth": "d2conv3d, smooth sizes"}
 ORDER_2D = {"det64": 0, "det128": 1, "res56": 2}
 OPS_2D = ("deform_conv2d", "d2conv2d", "deform_conv3d_t1", "torchvision")
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -23,16 +27,18 @@ def table(rows):
     by = {(r["shape"], r["dtype"], r["op"], r["pass"]): r for r in rows}
     cases = sorted({(r["shape"], r["dtype"]) for r in rows},
                    key=lambda c: (c[1], ORDER.get(c[0], 9)))
-    lines = ["| shape | dtype | pass | dense ms | " + " | ".join(f"{op} ms (× dense)" for op in OPS)
+    ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    lines = ["| shape | dtype | pass | dense ms | "
+             + " | ".join(f"{LABELS.get(op, op)} ms (× dense)" for op in ops)
              + " | extra peak MiB (dense / d2conv3d) |",
-             "|---|---|---|---|" + "---|" * len(OPS) + "---|"]
+             "|---|---|---|---|" + "---|" * len(ops) + "---|"]
     for shape, dtype in cases:
         for pass_ in ("fwd", "fwdbwd"):
             dense = by.get((shape, dtype, "dense", pass_))
             if dense is None:
                 continue
             cells = []
-            for op in OPS:
+            for op in ops:
                 r = by.get((shape, dtype, op, pass_))
                 cells.append("" if r is None else
                              f"{r['median_ms']:.3g} ({r['median_ms'] / dense['median_ms']:.1f}×)")

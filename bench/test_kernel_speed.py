@@ -27,9 +27,14 @@ SHAPES = {  # name: (N, C_in, C_out, T, H, W)
     "rf2_in512": (2, 512, 256, 4, 60, 108),
     "early": (2, 64, 64, 8, 120, 216),     # an early-stage layer: few channels, many voxels
 }
-# dense: cuDNN; d2conv3d: mode xyz with mask; deform_conv3d: the same sampling as free offsets
+# dense: cuDNN; d2conv3d: mode xyz with mask, sizes drawn per voxel, the default forward (the
+# Gluon one on an sm_90 GPU: kernels/hopper.py); d2conv3d_triton: the same with the Triton
+# forward forced (D2CONV_FORWARD=triton); d2conv3d_smooth: a smooth size map (as a size
+# predictor's), default forward; deform_conv3d: the same sampling as free offsets
 # (offsets_from_size); reference: the PyTorch reference (kernels.naive) on the GPU
-OPS = ["dense", "d2conv3d", "deform_conv3d", "reference"]
+OPS = ["dense", "d2conv3d", "d2conv3d_triton", "d2conv3d_smooth", "deform_conv3d", "reference"]
+# the variants of d2conv3d are timed in bf16 only
+VARIANTS = ("d2conv3d_triton", "d2conv3d_smooth")
 # float32: strict IEEE (TF32 off for cuDNN and for the kernels); float32-tf32: TF32 allowed
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float32-tf32": torch.float32}
 
@@ -60,7 +65,8 @@ def make(shape, dtype, op, device="cuda"):
         w = w.to(memory_format=cl)
         inputs = [x, w, b]
         return (lambda x, w, b: F.conv3d(x, w, b, padding=1)), inputs
-    size = (torch.rand(N, 3, T, H, W, device=device) * 2.5 + 0.5).to(dtype)
+    size = (smooth_sizes(N, T, H, W, device) if op == "d2conv3d_smooth"
+            else torch.rand(N, 3, T, H, W, device=device) * 2.5 + 0.5).to(dtype)
     mask = torch.rand(N, 27, T, H, W, device=device, dtype=dtype)
     if op == "deform_conv3d":
         offset = kernels.offsets_from_size(size, 3)
@@ -71,7 +77,32 @@ def make(shape, dtype, op, device="cuda"):
         return (lambda x, s, w, b, m: naive.d2conv3d(x, s, w, b, padding=1, mask=m)), \
             [x, size, w, b, mask]
     inputs = [x, size, w, b, mask]
-    return (lambda x, s, w, b, m: kernels.d2conv3d(x, s, w, b, padding=1, mask=m)), inputs
+    forward = "triton" if op == "d2conv3d_triton" else None     # None: the default choice
+
+    def d2conv3d(x, s, w, b, m):
+        with kernels.settings.override(forward=forward):
+            return kernels.d2conv3d(x, s, w, b, padding=1, mask=m)
+    return d2conv3d, inputs
+
+
+def smooth_sizes(N, T, H, W, device):
+    """(N, 3, T, H, W) sizes in [0.5, 3]: a field drawn 6x coarser per axis, trilinearly
+    upsampled, as smooth as a size predictor's map."""
+    coarse = torch.rand(N, 3, *(max(1, n // 6) for n in (T, H, W)), device=device) * 2.5 + 0.5
+    return F.interpolate(coarse, size=(T, H, W), mode="trilinear", align_corners=False)
+
+
+def forward_kernel(op, inputs):
+    """ "gluon" or "triton": which forward kernel a call of ``op`` on ``inputs`` takes."""
+    from kernels import checks, forward
+
+    if op not in ("d2conv3d", "deform_conv3d") + VARIANTS:
+        return None
+    x, coords, w, b, m = inputs
+    geo = checks.check_args(x, coords, w, b, 1, 1, 1, m, 1,
+                            "offset" if op == "deform_conv3d" else "xyz")
+    with kernels.settings.override(forward="triton" if op == "d2conv3d_triton" else None):
+        return "gluon" if forward._gluon(geo, x) else "triton"
 
 
 def timed(fn, inputs, pass_):
@@ -146,10 +177,14 @@ def verify(op, shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_speed(benchmark, shape, dtype, op, pass_):
+    if op in VARIANTS and dtype != "bfloat16":
+        pytest.skip("the d2conv3d variants are timed in bf16")
     torch.manual_seed(0)
-    if op in ("d2conv3d", "deform_conv3d"):
+    if op in ("d2conv3d", "deform_conv3d") + VARIANTS:
         verify(op, shape, dtype)
     fn, inputs = make(SHAPES[shape], DTYPES[dtype], op)
     median_ms, peak = time_case(benchmark, timed(fn, inputs, pass_), pass_)
+    kernel = forward_kernel(op, inputs)
     record_timing(".json", dict(shape=shape, dtype=dtype, op=op, **{"pass": pass_},
-                                median_ms=median_ms, peak_extra_mib=peak))
+                                median_ms=median_ms, peak_extra_mib=peak,
+                                **({"forward": kernel} if kernel else {})))

@@ -112,3 +112,18 @@ def test_results_are_json_records():
     for path in files:
         assert path.suffix == ".json", f"{path.name}: not a JSON record"
         json.loads(path.read_text())
+
+
+def test_smooth_size_map(bench_path):
+    """The bench's smooth size map keeps the random map's range, [0.5, 3], with neighbours much
+    closer than the per-voxel draws'."""
+    import torch
+
+    from test_kernel_speed import smooth_sizes
+    torch.manual_seed(0)
+    smooth = smooth_sizes(2, 4, 60, 108, "cpu")
+    assert smooth.shape == (2, 3, 4, 60, 108)
+    assert smooth.min() >= 0.5 and smooth.max() <= 3
+    rough = torch.rand(2, 3, 4, 60, 108) * 2.5 + 0.5
+    step = (smooth.diff(dim=-1).abs().mean() / rough.diff(dim=-1).abs().mean()).item()
+    assert step < 0.3, step
