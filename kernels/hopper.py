@@ -26,7 +26,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from . import configs, settings
+from . import configs
 from .launch import LaunchGeometry, channels_last, weight_tiles
 from .sampling import class_point, class_points, gather_tile, kernel_point, load_sizes
 
@@ -157,18 +157,17 @@ def d2conv_fwd_hopper_kernel(
     gl.store(out, acc.to(dtype), mask=(rows < M)[:, None] & o_ok[None, :])
 
 
-def _weight_descriptor(w2d, block_c, block_n):
-    layout = gl.NVMMASharedLayout.get_default_for([block_c, block_n],
-                                                  gl.bfloat16 if w2d.dtype == torch.bfloat16
-                                                  else gl.float16)
-    return TensorDescriptor(w2d, list(w2d.shape), list(w2d.stride()), [block_c, block_n], layout)
+def _weight_layout(dtype, block):
+    return gl.NVMMASharedLayout.get_default_for(
+        block, gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
 
 
 def _set_block(nargs):
-    """Autotuner pre-hook: the weight descriptor's block follows the config's tile."""
+    """Pre-hook of every launch (autotuned or pinned): the weight descriptor's block is the
+    config's [BLOCK_C, BLOCK_N] tile."""
     desc = nargs["w_desc"]
     desc.block_shape = [nargs["BLOCK_C"], nargs["BLOCK_N"]]
-    desc.layout = _weight_descriptor(desc.base, *desc.block_shape).layout
+    desc.layout = _weight_layout(desc.base.dtype, desc.block_shape)
 
 
 def _with_hook(config):
@@ -205,10 +204,11 @@ def d2conv_fwd_hopper(geo, input, coords, weight, bias, mask, mode):
     w2d = weight_tiles(weight, geo.groups).view(-1, shape.Cog)      # (groups * K * Cg, Cog)
     out = torch.empty((input.shape[0], geo.Co, *geo.out), device=input.device, dtype=input.dtype,
                       memory_format=torch.channels_last_3d)
-    first = configs._fit(configs.CANDIDATES["FWD_HOPPER"]["16-bit"][0], shape.args())
+    # its block is set per config by _set_block
+    w_desc = TensorDescriptor(w2d, list(w2d.shape), list(w2d.stride()), [16, 16],
+                              _weight_layout(w2d.dtype, [16, 16]))
     args = dict(shape.args(), x_ptr=x_cl, coord_ptr=coords.contiguous(),
-                mask_ptr=mask.contiguous() if mask is not None else x_cl,
-                w_desc=_weight_descriptor(w2d, first.kwargs["BLOCK_C"], first.kwargs["BLOCK_N"]),
+                mask_ptr=mask.contiguous() if mask is not None else x_cl, w_desc=w_desc,
                 b_ptr=bias if bias is not None else w2d, out_ptr=out, HAS_BIAS=bias is not None)
 
     def grid(meta):

@@ -68,6 +68,15 @@ def test_every_config(index):
         check_forward(HOPPER_CASES[1].with_(C=256, Co=256, N=1), torch.bfloat16)
 
 
+@needs_hopper
+def test_autotuned():
+    """The autotuner's path: each candidate's weight descriptor gets its block from the pre-hook,
+    on the timed launches and on the launch of the pick."""
+    with settings.override(autotune=True):
+        check_forward(HOPPER_CASES[1].with_(N=1), torch.bfloat16)
+        check_forward(HOPPER_CASES[1].with_(N=1), torch.bfloat16)     # the cached pick
+
+
 def geometry(dtype, device=DEVICE, Co=16):
     x = torch.zeros(1, 16, 2, 3, 4, dtype=dtype, device=device)
     size = torch.ones(1, 3, 2, 3, 4, dtype=dtype, device=device)
