@@ -47,7 +47,7 @@ def table(rows):
             if pass_ == "fwdbwd" and d2 is not None:
                 peak = f"{dense['peak_extra_mib']:.0f} / {d2['peak_extra_mib']:.0f}"
             tuned = "" if all(by.get((shape, dtype, op, pass_), {}).get("autotuned", True)
-                              for op in ("d2conv3d", "deform_conv3d")) else " (default configs)"
+                              for op in ("d2conv3d", "deform_conv3d")) else " (not autotuned)"
             lines.append(f"| {shape} | {dtype}{tuned} | {pass_} | {dense['median_ms']:.3g} | "
                          + " | ".join(cells) + f" | {peak} |")
     return "\n".join(lines)
