@@ -89,16 +89,19 @@ BWD_INPUT = {"16-bit": [_cfg(8, 1, BZ=2, BY=8, BX=8, BLOCK_P=128, BLOCK_C=128),
 BWD_INPUT["tf32"] = BWD_INPUT["tf32x3"] = BWD_INPUT["ieee"] = [
     _cfg(8, 1, BZ=1, BY=8, BX=8, BLOCK_P=32, BLOCK_C=128),
     _cfg(8, 1, BZ=2, BY=8, BX=8, BLOCK_P=32, BLOCK_C=32)]
-# the Gluon forward for Hopper (kernels/hopper.py), 16-bit inputs only. Two 4-warp programs an
-# SM (a 64 x 256 fp32 accumulator takes 128 registers a thread) ran rf2 fastest, 128 x 64 tiles
-# the early shape's 64 output channels (H200, 2026-12-02: docs/design.md#the-hopper-forward)
+# the Gluon forward for Hopper (kernels/hopper.py), 16-bit inputs only. It is not autotuned: its
+# tile follows the output channels (FWD_HOPPER_WIDE, FWD_HOPPER_NARROW), the best of these
+# candidates at every bench shape on an H200 (2026-12-02): two 4-warp programs an SM with a
+# 64 x 256 fp32 accumulator (128 registers a thread) at rf2, rf2_in512 and rf3; 128 x 64 tiles
+# for early's 64 output channels (docs/design.md#the-hopper-forward). The others can be pinned
 FWD_HOPPER = {"16-bit": [_cfg(4, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=32),
+                         _cfg(4, 1, BLOCK_M=128, BLOCK_N=64, BLOCK_C=32),
                          _cfg(4, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=16),
                          _cfg(8, 1, BLOCK_M=64, BLOCK_N=256, BLOCK_C=64),
                          _cfg(8, 1, BLOCK_M=128, BLOCK_N=256, BLOCK_C=32),
-                         _cfg(4, 1, BLOCK_M=128, BLOCK_N=64, BLOCK_C=32),
                          _cfg(4, 1, BLOCK_M=64, BLOCK_N=64, BLOCK_C=32),
                          _cfg(8, 1, BLOCK_M=256, BLOCK_N=64, BLOCK_C=32)]}
+FWD_HOPPER_WIDE, FWD_HOPPER_NARROW = FWD_HOPPER["16-bit"][:2]
 CANDIDATES = {"FWD": FWD, "BWD_DATA": BWD_DATA, "BWD_INPUT": BWD_INPUT, "FWD_HOPPER": FWD_HOPPER}
 
 
@@ -174,20 +177,24 @@ def _parse(text, kernel):
 
 
 def pinned(kernel, args):
-    """The config to launch ``kernel`` with when not autotuning, else None."""
+    """The config to launch ``kernel`` with when not autotuning (or for a kernel that is never
+    tuned), else None."""
     text = settings.pinned_config(kernel)
     if text:
         return _parse(text, kernel)
     if settings.interpreting():
         return INTERPRETER[kernel]
+    if kernel == "FWD_HOPPER":        # by its output channels a program: 64 or fewer, or more
+        wide = _fit(FWD_HOPPER_WIDE, args)
+        return wide if wide.kwargs["BLOCK_N"] > 64 else _fit(FWD_HOPPER_NARROW, args)
     if not settings.autotune():
         return _fit(CANDIDATES[kernel][precision_class(args)][0], args)
     return None
 
 
 def launch(kernel_fn, tuned_fn, name, grid, args, pre_hook=None):
-    """Launch a kernel with its pinned config, or through its autotuner. ``pre_hook``, what the
-    autotuner's configs run before a launch, runs on the arguments with the pinned config's."""
+    """Launch a kernel with its pinned config, or through its autotuner (None for a kernel that
+    is never tuned). ``pre_hook`` runs on the arguments with the config's before the launch."""
     config = pinned(name, args)
     if config is None:
         tuned_fn[grid](**args)

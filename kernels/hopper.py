@@ -163,22 +163,11 @@ def _weight_layout(dtype, block):
 
 
 def _set_block(nargs):
-    """Pre-hook of every launch (autotuned or pinned): the weight descriptor's block is the
-    config's [BLOCK_C, BLOCK_N] tile."""
+    """Run before every launch: the weight descriptor's block is the config's [BLOCK_C, BLOCK_N]
+    tile."""
     desc = nargs["w_desc"]
     desc.block_shape = [nargs["BLOCK_C"], nargs["BLOCK_N"]]
     desc.layout = _weight_layout(desc.base.dtype, desc.block_shape)
-
-
-def _with_hook(config):
-    return triton.Config(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
-                         pre_hook=_set_block)
-
-
-d2conv_fwd_hopper_tuned = triton.autotune(
-    [_with_hook(c) for c in configs.all_candidates("FWD_HOPPER")], key=configs.KEY,
-    prune_configs_by={"early_config_prune": configs.pruner("FWD_HOPPER")})(
-    d2conv_fwd_hopper_kernel)
 
 
 def refusal(geo, input, tested_only=True):
@@ -215,6 +204,6 @@ def d2conv_fwd_hopper(geo, input, coords, weight, bias, mask, mode):
         return (triton.cdiv(shape.M, meta["BLOCK_M"]),
                 geo.groups * triton.cdiv(shape.Cog, meta["BLOCK_N"]))
 
-    configs.launch(d2conv_fwd_hopper_kernel, d2conv_fwd_hopper_tuned, "FWD_HOPPER", grid, args,
-                   pre_hook=_set_block)
+    # not autotuned: configs.pinned picks the tile by output channels
+    configs.launch(d2conv_fwd_hopper_kernel, None, "FWD_HOPPER", grid, args, pre_hook=_set_block)
     return out

@@ -68,13 +68,19 @@ def test_every_config(index):
         check_forward(HOPPER_CASES[1].with_(C=256, Co=256, N=1), torch.bfloat16)
 
 
-@needs_hopper
-def test_autotuned():
-    """The autotuner's path: each candidate's weight descriptor gets its block from the pre-hook,
-    on the timed launches and on the launch of the pick."""
-    with settings.override(autotune=True):
-        check_forward(HOPPER_CASES[1].with_(N=1), torch.bfloat16)
-        check_forward(HOPPER_CASES[1].with_(N=1), torch.bfloat16)     # the cached pick
+def test_tile_follows_the_output_channels(monkeypatch):
+    """Not autotuned: 64x256 tiles where a program has more than 64 output channels, 128x64 ones
+    otherwise (the sweep's best at every bench shape); a pinned config wins."""
+    def config(Cog):
+        return configs.pinned("FWD_HOPPER", {"Cog": Cog, "SEG": 256})
+    monkeypatch.setattr(settings, "interpreting", lambda: False)    # as on a GPU
+    assert (config(256).kwargs, config(256).num_warps) == (
+        dict(BLOCK_M=64, BLOCK_N=256, BLOCK_C=32), 4)
+    assert (config(64).kwargs, config(64).num_warps) == (
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_C=32), 4)
+    assert config(24).kwargs == dict(BLOCK_M=128, BLOCK_N=32, BLOCK_C=32)
+    with settings.override(config_fwd_hopper="BLOCK_M=64,BLOCK_N=128,BLOCK_C=64,num_warps=8"):
+        assert config(256).kwargs == dict(BLOCK_M=64, BLOCK_N=128, BLOCK_C=64)
 
 
 def geometry(dtype, device=DEVICE, Co=16):
