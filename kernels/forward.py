@@ -93,7 +93,7 @@ def _gluon(geo, input):
         return False
     try:
         from . import hopper
-    except ImportError as error:        # a Triton without Gluon's Hopper modules
+    except (ImportError, AttributeError) as error:     # a Triton without Gluon's Hopper API
         if choice == "gluon":
             raise RuntimeError(f"D2CONV_FORWARD=gluon: this Triton cannot build the Gluon "
                                f"forward ({error})") from None

@@ -11,11 +11,11 @@ set from code, which wins over the environment:
   D2CONV_AUTOTUNE=1            tune each kernel per shape (default 1). 0: launch each kernel's
                                default config, one compile per kernel and shape, what a short run
                                wants. The Triton interpreter never tunes.
-  D2CONV_CONFIG_FWD=...        pin one config of a kernel: FWD (forward), BWD_DATA (the
-  D2CONV_CONFIG_BWD_DATA=...   backward's data kernel), BWD_INPUT (the pulled input gradient),
-  D2CONV_CONFIG_BWD_INPUT=...  as NAME=INT,... e.g. "BLOCK_M=64,BLOCK_N=128,BLOCK_C=32,
-  D2CONV_CONFIG_FWD_HOPPER=... num_warps=4,num_stages=2" (maxnreg=N caps registers per thread);
-                               FWD_HOPPER: the Gluon forward (kernels/hopper.py)
+  D2CONV_CONFIG_FWD=...        pin one config of a kernel: FWD (forward), FWD_HOPPER (the Gluon
+  D2CONV_CONFIG_FWD_HOPPER=... forward, kernels/hopper.py), BWD_DATA (the backward's data
+  D2CONV_CONFIG_BWD_DATA=...   kernel), BWD_INPUT (the pulled input gradient), as NAME=INT,...
+  D2CONV_CONFIG_BWD_INPUT=...  e.g. "BLOCK_M=64,BLOCK_N=128,BLOCK_C=32,num_warps=4,num_stages=2"
+                               (maxnreg=N caps registers per thread)
   D2CONV_GCOL_MIB=128          the most memory (MiB) the backward's columns take at once (their
                                gradient, then the sampled columns); at least one kernel point's
   D2CONV_FP32_DOT=ieee         the forward's product for strict fp32 inputs (TF32 not allowed
@@ -36,9 +36,9 @@ __all__ = ["configure", "override", "set_autotune", "autotune", "pinned_config",
            "fp32_dot", "input_grad", "forward", "interpreting", "SETTINGS"]
 
 # name: default; the environment variable is "D2CONV_" + NAME
-SETTINGS = {"autotune": "1", "config_fwd": "", "config_bwd_data": "", "config_bwd_input": "",
-            "config_fwd_hopper": "",
-            "gcol_mib": "128", "fp32_dot": "ieee", "input_grad": "auto", "forward": "auto"}
+SETTINGS = {"autotune": "1", "config_fwd": "", "config_fwd_hopper": "", "config_bwd_data": "",
+            "config_bwd_input": "", "gcol_mib": "128", "fp32_dot": "ieee", "input_grad": "auto",
+            "forward": "auto"}
 _CHOICES = {"fp32_dot": ("ieee", "tf32x3"), "input_grad": ("auto", "scatter", "pull"),
             "forward": ("auto", "triton", "gluon")}
 
