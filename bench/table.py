@@ -17,7 +17,8 @@ ORDER = {"rf3": 0, "rf2": 1, "rf2_in512": 2, "early": 3}
 # ran the Triton one); d2conv3d_triton: the Triton forward forced; d2conv3d_smooth: a smooth
 # size map (bench/test_kernel_speed.py)
 OPS = ["d2conv3d", "d2conv3d_triton", "d2conv3d_smooth", "deform_conv3d", "reference"]
-LABELS = {"d2conv3d_triton": "d2conv3d, Triton forward", "d2conv3d_smooth": "d2conv3d, smooth sizes"}
+LABELS = {"d2conv3d_triton": "d2conv3d, Triton forward",
+          "d2conv3d_smooth": "d2conv3d, smooth sizes"}
 ORDER_2D = {"det64": 0, "det128": 1, "res56": 2}
 OPS_2D = ("deform_conv2d", "d2conv2d", "deform_conv3d_t1", "torchvision")
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
