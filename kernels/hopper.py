@@ -14,8 +14,8 @@ the next gather.
 
 Selected by ``kernels/forward.py`` where ``refusal`` finds nothing against it (16-bit inputs on an
 sm_90 GPU, a Triton version it was tested with, output channels a TMA descriptor tiles);
-``kernels.settings`` (D2CONV_FORWARD) forces either path.
-Gluon kernels do not run under the Triton interpreter; tests/test_compile.py compiles this one for
+``kernels.settings`` (D2CONV_FORWARD) forces either path. Its tile follows the output channels
+(``configs.pinned``), not an autotuner. Gluon kernels do not run under the Triton interpreter; tests/test_compile.py compiles this one for
 sm_90 without a GPU.
 """
 import torch
