@@ -88,7 +88,7 @@ def _gluon_source(fn):
 
 def compile_one(kernel, args, config, arch, pre_hook=None):
     """``kernel`` compiled for sm_``arch`` with ``config``; ``pre_hook`` runs on the arguments
-    with the config's first, as the autotuner runs it (the Gluon forward's sets its weight
+    with the config's first, as a launch runs it (the Gluon forward's sets its weight
     descriptor's block)."""
     values = {**args, **config.kwargs}
     if pre_hook is not None:
