@@ -18,7 +18,7 @@ SM90_SHARED = 232448        # bytes of shared memory a block may take on sm_90 (
 try:
     import kernels.hopper  # noqa: F401
     HOPPER_MISSING = ""
-except ImportError as error:    # a Triton without Gluon's Hopper modules
+except (ImportError, AttributeError) as error:     # a Triton without Gluon's Hopper API
     HOPPER_MISSING = str(error)
 
 
