@@ -61,7 +61,7 @@ def test_integer_coordinates(case):
 @needs_hopper
 @pytest.mark.parametrize("index", range(len(configs.FWD_HOPPER["16-bit"])))
 def test_every_config(index):
-    """Each autotuning candidate, 4 and 8 warps (two warpgroups sharing the slots)."""
+    """Each candidate config, pinned: 4 and 8 warps (two warpgroups sharing the slots)."""
     config = configs.FWD_HOPPER["16-bit"][index]
     text = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
     with settings.override(config_fwd_hopper=f"{text},num_warps={config.num_warps}"):
