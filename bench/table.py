@@ -94,7 +94,20 @@ def table_2d(rows):
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS / "NVIDIA_H200.json"
-    rows = json.loads(path.read_text())
+def main(argv):
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: python bench/table.py [RESULTS.json]   (default: "
+              "bench/results/NVIDIA_H200.json)")
+        return 0
+    path = Path(argv[0]) if argv else RESULTS / "NVIDIA_H200.json"
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        print(f"table.py: cannot read {path}: {error}", file=sys.stderr)
+        return 2
     print(table_2d(rows) if is_2d(rows, path.name) else table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
