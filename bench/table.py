@@ -7,6 +7,7 @@ test_2d_speed.py) the 2D ops against dense bf16 and torchvision.
 Without an argument, the H200 file among the bench's records (records.py).
 """
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -95,6 +96,8 @@ def table_2d(rows):
 
 
 def main(argv):
+    if hasattr(signal, "SIGPIPE"):      # quiet when piped into head
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if argv and argv[0] in ("-h", "--help"):
         print("usage: python bench/table.py [RESULTS.json]   (default: "
               "bench/results/NVIDIA_H200.json)")
