@@ -6,11 +6,13 @@ test_2d_speed.py) the 2D ops against dense bf16 and torchvision.
 
 Without an argument, the H200 file among the bench's records (records.py).
 """
+import argparse
 import json
 import signal
 import sys
 from pathlib import Path
 
+from d2conv.errors import BadInput, exit_status
 from records import RESULTS
 
 ORDER = {"rf3": 0, "rf2": 1, "rf2_in512": 2, "early": 3}
@@ -96,21 +98,19 @@ def table_2d(rows):
 
 
 def main(argv):
+    parser = argparse.ArgumentParser(description="Print the markdown table of a results file.")
+    parser.add_argument("results", nargs="?", type=Path, default=RESULTS / "NVIDIA_H200.json",
+                        help="a results file (default: bench/results/NVIDIA_H200.json)")
+    path = parser.parse_args(argv).results
     if hasattr(signal, "SIGPIPE"):      # quiet when piped into head
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    if argv and argv[0] in ("-h", "--help"):
-        print("usage: python bench/table.py [RESULTS.json]   (default: "
-              "bench/results/NVIDIA_H200.json)")
-        return 0
-    path = Path(argv[0]) if argv else RESULTS / "NVIDIA_H200.json"
     try:
         rows = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        print(f"table.py: cannot read {path}: {error}", file=sys.stderr)
-        return 2
+        raise BadInput(f"cannot read {path}: {error}") from None
     print(table_2d(rows) if is_2d(rows, path.name) else table(rows))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(exit_status(main, sys.argv[1:]))
