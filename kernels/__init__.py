@@ -1,5 +1,7 @@
 """Deformable and dynamic-dilated convolutions (docs/operators.md), forward and backward in
-Triton: 3D, and 2D on the same kernels (a 2D call is a 3D one with one frame and a 1-deep kernel).
+Triton: 3D, and 2D on the same kernels (a 2D call is a 3D one with one frame and a 1-deep kernel);
+and the other two operators of the paper's model that PyTorch runs far below the card's
+bandwidth: GroupNorm (optionally of ReLU(input), in one pass) and depthwise 3D convolution.
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the same kernels under the Triton
 interpreter when TRITON_INTERPRET=1 is set, and the PyTorch reference (``kernels.naive``)
@@ -11,12 +13,12 @@ import torch
 
 # ops registers torch.ops.d2conv.* (Triton is imported on first use)
 from . import naive, ops, settings
-from .checks import OFFSET_AXES, SIZE_CHANNELS, check_args, ntuple
+from .checks import OFFSET_AXES, SIZE_CHANNELS, check_args, check_depthwise, check_group_norm, ntuple
 from .naive import offsets_from_size
 from .settings import set_autotune
 
-__all__ = ["deform_conv3d", "d2conv3d", "deform_conv2d", "d2conv2d", "offsets_from_size",
-           "set_autotune", "settings", "SIZE_CHANNELS"]
+__all__ = ["deform_conv3d", "d2conv3d", "deform_conv2d", "d2conv2d", "group_norm",
+           "depthwise_conv3d", "offsets_from_size", "set_autotune", "settings", "SIZE_CHANNELS"]
 
 
 def _use_triton(input):
@@ -151,3 +153,44 @@ def d2conv2d(input, size, weight, bias=None, stride=1, padding=0, dilation=1, ma
     out = _run(input5, size5, weight5, bias, _pair(stride, "stride", 1),
                _pair(padding, "padding", 0), _pair(dilation, "dilation", 1), mask5, groups, mode)
     return out.squeeze(2)
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, relu=False):
+    """GroupNorm with ``F.group_norm``'s semantics; with ``relu`` of ReLU(input), in the same
+    passes (the refine unit's conv -> ReLU -> GroupNorm without a ReLU pass of its own).
+
+    input:  (N, C, *), any memory format; C divisible by num_groups
+    weight, bias: (C,) or None (any float dtype; their gradients come in it)
+    return: input's shape, dtype and memory format
+
+    Statistics (mean, 1/sqrt(var + eps), biased variance over C/num_groups channels and every
+    spatial position) are fp32 whatever the input's dtype. Under ``torch.autocast`` the input
+    keeps its dtype: autocast's fp32 policy for group_norm exists to keep the statistics in fp32,
+    which the kernels do anyway, and an fp32 copy of the input would double the bytes moved.
+    """
+    if not _use_triton(input):
+        return naive.group_norm(input, num_groups, weight, bias, eps, relu)
+    check_group_norm(input, num_groups, weight, bias, eps)
+    eps = float(eps)
+    if input.device.type == "meta" or torch.compiler.is_compiling():
+        return torch.ops.d2conv.group_norm(input, num_groups, weight, bias, eps, relu)[0]
+    return ops.GroupNormFunction.apply(input, weight, bias, num_groups, eps, relu)
+
+
+def depthwise_conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1):
+    """Depthwise 3D convolution: ``F.conv3d(input, weight, bias, stride, padding, dilation,
+    groups=C)`` with one output channel per input channel.
+
+    input:  (N, C, T, H, W), contiguous or channels_last_3d (others are copied to contiguous)
+    weight: (C, 1, kd, kh, kw), kd, kh, kw from 1 to 7; bias: (C,) or None
+    stride, padding, dilation: int or (t, h, w)
+    return: (N, C, To, Ho, Wo) in the input's memory format
+    """
+    input, weight, bias = _autocast(input, weight, bias)
+    if not _use_triton(input):
+        return naive.depthwise_conv3d(input, weight, bias, stride, padding, dilation)
+    geo = check_depthwise(input, weight, bias, stride, padding, dilation)
+    if input.device.type == "meta" or torch.compiler.is_compiling():
+        return torch.ops.d2conv.depthwise_conv3d(input, weight, bias, list(geo.stride),
+                                                 list(geo.padding), list(geo.dilation))
+    return ops.DepthwiseConv3dFunction.apply(input, weight, bias, geo)

@@ -32,6 +32,20 @@ def triple(value, name):
     return ntuple(value, name, 3)
 
 
+def conv_triples(stride, padding, dilation):
+    """(stride, padding, dilation) as (t, h, w) triples, each checked: positive stride and
+    dilation, non-negative padding."""
+    stride, padding, dilation = (triple(stride, "stride"), triple(padding, "padding"),
+                                 triple(dilation, "dilation"))
+    if min(stride) < 1:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if min(dilation) < 1:
+        raise ValueError(f"dilation must be positive, got {dilation}")
+    if min(padding) < 0:
+        raise ValueError(f"padding must be non-negative, got {padding}")
+    return stride, padding, dilation
+
+
 @dataclass(frozen=True)
 class ConvGeometry:
     """Shapes of one deformable 3D convolution call (all derived from the arguments)."""
@@ -93,14 +107,7 @@ def check_args(input, coords, weight, bias, stride, padding, dilation, mask, gro
         _check_tensor(bias, "bias", 1, input)
     if mask is not None:
         _check_tensor(mask, "mask", 5, input)
-    stride, padding, dilation = (triple(stride, "stride"), triple(padding, "padding"),
-                                 triple(dilation, "dilation"))
-    if min(stride) < 1:
-        raise ValueError(f"stride must be positive, got {stride}")
-    if min(dilation) < 1:
-        raise ValueError(f"dilation must be positive, got {dilation}")
-    if min(padding) < 0:
-        raise ValueError(f"padding must be non-negative, got {padding}")
+    stride, padding, dilation = conv_triples(stride, padding, dilation)
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
 
@@ -146,3 +153,72 @@ def check_args(input, coords, weight, bias, stride, padding, dilation, mask, gro
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {expected} "
                              f"(batch, offset groups x kernel points, output T, H, W)")
     return ConvGeometry(N, C, T, H, W, Co, (kd, kh, kw), stride, padding, dilation, groups, G, out)
+
+
+def check_group_norm(input, num_groups, weight, bias, eps):
+    """Validate a ``group_norm`` call (``F.group_norm``'s arguments)."""
+    if not isinstance(input, torch.Tensor):
+        raise ValueError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"input must be (N, C, ...), got shape {tuple(input.shape)}")
+    if not input.dtype.is_floating_point:
+        raise ValueError(f"input must be floating point, got {input.dtype}")
+    C = input.shape[1]
+    if not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
+        raise ValueError(f"num_groups must be a positive int dividing the input's {C} channels, "
+                         f"got {num_groups!r}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (C,):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a tensor of shape ({C},), got {shape}")
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps!r}")
+
+
+# the largest depthwise kernel extent per axis the Triton kernels take
+DEPTHWISE_MAX_KERNEL = 7
+
+
+@dataclass(frozen=True)
+class DepthwiseGeometry:
+    """Shapes of one depthwise 3D convolution call (groups = channels, one output channel each)."""
+
+    N: int
+    C: int
+    T: int
+    H: int
+    W: int
+    kernel: tuple      # (kd, kh, kw)
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    out: tuple         # (To, Ho, Wo)
+
+
+def check_depthwise(input, weight, bias, stride, padding, dilation):
+    """Validate a ``depthwise_conv3d`` call and return its DepthwiseGeometry."""
+    _check_tensor(input, "input", 5, None)
+    if not input.dtype.is_floating_point:
+        raise ValueError(f"input must be floating point, got {input.dtype}")
+    _check_tensor(weight, "weight", 5, input)
+    if bias is not None:
+        _check_tensor(bias, "bias", 1, input)
+    stride, padding, dilation = conv_triples(stride, padding, dilation)
+    N, C, T, H, W = input.shape
+    kernel = tuple(weight.shape[2:])
+    if weight.shape[:2] != (C, 1):
+        raise ValueError(f"weight must be (C, 1, kd, kh, kw) with C = {C} (the input's "
+                         f"channels), got {tuple(weight.shape)}")
+    if min(kernel) < 1 or max(kernel) > DEPTHWISE_MAX_KERNEL:
+        raise ValueError(f"weight's kernel {kernel} must be 1 to {DEPTHWISE_MAX_KERNEL} per axis")
+    if bias is not None and bias.shape[0] != C:
+        raise ValueError(f"bias has {bias.shape[0]} elements, the input has {C} channels")
+    out = output_size((T, H, W), kernel, stride, padding, dilation)
+    if min(out) < 1:
+        raise ValueError(f"input spatial size {(T, H, W)} is too small for kernel {kernel} "
+                         f"with padding {padding} and dilation {dilation}")
+    return DepthwiseGeometry(N, C, T, H, W, kernel, stride, padding, dilation, out)

@@ -11,8 +11,10 @@ coordinates) and corners outside the volume contribute nothing.
 import itertools
 
 import torch
+import torch.nn.functional as F
 
-from .checks import OFFSET_AXES, SIZE_AXES, SIZE_CHANNELS, check_args, triple
+from .checks import (OFFSET_AXES, SIZE_AXES, SIZE_CHANNELS, check_args, check_depthwise,
+                     check_group_norm, triple)
 
 
 def _kernel_grid(kernel, dilation, device, dtype):
@@ -172,3 +174,39 @@ def _deform_conv3d(geo, input, offset, weight, bias, mask, fixed=None):
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1, 1)
     return out.to(out_dtype)
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, relu=False):
+    """Reference GroupNorm of ``input`` (of ReLU(input) with ``relu``); shapes as in
+    ``kernels.group_norm``. Statistics and affine in fp32 (float64 for float64 input), the output
+    in the input's dtype and memory format, also under autocast."""
+    check_group_norm(input, num_groups, weight, bias, eps)
+    x = F.relu(input) if relu else input
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    C = input.shape[1]
+    # F.group_norm's CPU backward fails on a bias without a weight and on channels-last input
+    # (PyTorch 2.13): both are given, and the input is contiguous
+    if (weight is None) != (bias is None):
+        weight = torch.ones(C, device=input.device) if weight is None else weight
+        bias = torch.zeros(C, device=input.device) if bias is None else bias
+    weight, bias = (None if t is None else t.to(dtype) for t in (weight, bias))
+    with torch.autocast(input.device.type, enabled=False):
+        out = F.group_norm(x.to(dtype).contiguous(), num_groups, weight, bias, eps)
+    return out.to(input.dtype).contiguous(memory_format=_memory_format(input))
+
+
+def _memory_format(t):
+    """channels_last(_3d) for a 4-D (5-D) tensor laid out so and not also contiguous, else
+    contiguous_format."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    if t.dim() in formats and not t.is_contiguous() and t.is_contiguous(
+            memory_format=formats[t.dim()]):
+        return formats[t.dim()]
+    return torch.contiguous_format
+
+
+def depthwise_conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1):
+    """Reference depthwise 3D convolution (``F.conv3d`` with groups = C); shapes as in
+    ``kernels.depthwise_conv3d``."""
+    geo = check_depthwise(input, weight, bias, stride, padding, dilation)
+    return F.conv3d(input, weight, bias, geo.stride, geo.padding, geo.dilation, groups=geo.C)

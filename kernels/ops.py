@@ -10,6 +10,11 @@ cost rivals the GPU's.
 triples; "offset_yx": deform_conv2d's (y, x) pairs at T = 1) and the size map of a D²Conv mode
 otherwise. Triton is imported on first use, so importing this module (and the
 package) never needs it.
+
+GroupNorm (kernels/norm.py) and the depthwise 3D convolution (kernels/depthwise.py) have the same
+pair: ``d2conv::group_norm`` and ``d2conv::depthwise_conv3d`` (with their backward ops) for
+torch.compile and meta tensors, ``GroupNormFunction`` and ``DepthwiseConv3dFunction`` for eager
+calls.
 """
 from typing import Optional
 
@@ -17,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import settings
-from .checks import check_args
+from .checks import check_args, check_depthwise
 
 
 def _require_triton(input):
@@ -125,3 +130,184 @@ class Conv3dFunction(torch.autograd.Function):
                            need_weight=need_weight, need_bias=need_bias, need_mask=need_mask)
         return grads + (None, None)
 
+
+
+def _empty_or(needed, make, like):
+    """``make()`` where a gradient is needed, else a distinct empty tensor (custom-op outputs
+    may not alias each other)."""
+    return make() if needed else like.new_empty(0)
+
+
+# GroupNorm: out, and the fp32 statistics the backward reads: mean and rstd, (N, num_groups)
+@torch.library.custom_op("d2conv::group_norm", mutates_args=())
+def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+               eps: float, relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    _require_triton(input)
+    from .norm import group_norm_fwd
+
+    return group_norm_fwd(input, num_groups, weight, bias, eps, relu)
+
+
+@group_norm.register_fake
+def _(input, num_groups, weight, bias, eps, relu):
+    stats = (input.shape[0], num_groups)
+    return (torch.empty_like(input), input.new_empty(stats, dtype=torch.float32),
+            input.new_empty(stats, dtype=torch.float32))
+
+
+@torch.library.custom_op("d2conv::group_norm_backward", mutates_args=())
+def group_norm_backward(grad_out: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
+                        weight: Optional[Tensor], num_groups: int, relu: bool, need_input: bool,
+                        need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias); empty where not needed."""
+    _require_triton(input)
+    from .norm import group_norm_bwd
+
+    grads = group_norm_bwd(grad_out, input, mean, rstd, weight, num_groups, relu,
+                           need_input=need_input, need_weight=need_weight, need_bias=need_bias)
+    return tuple(input.new_empty(0) if g is None else g for g in grads)
+
+
+@group_norm_backward.register_fake
+def _(grad_out, input, mean, rstd, weight, num_groups, relu, need_input, need_weight, need_bias):
+    C = input.shape[1]
+    param = weight if weight is not None else input.new_empty((C,), dtype=torch.float32)
+    return (_empty_or(need_input, lambda: torch.empty_like(input), input),
+            _empty_or(need_weight, lambda: torch.empty_like(param), input),
+            _empty_or(need_bias, lambda: torch.empty_like(param), input))
+
+
+def _group_norm_setup(ctx, inputs, output):
+    input, num_groups, weight, bias, eps, relu = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(input, mean, rstd, weight)
+    ctx.conf = (num_groups, relu)
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+
+
+def _group_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    input, mean, rstd, weight = ctx.saved_tensors
+    need_input, _, need_weight, need_bias = ctx.needs_input_grad[:4]
+    need_weight, need_bias = need_weight and ctx.has_weight, need_bias and ctx.has_bias
+    grads = torch.ops.d2conv.group_norm_backward(grad_out, input, mean, rstd, weight, *ctx.conf,
+                                                 need_input, need_weight, need_bias)
+    grad_input, grad_weight, grad_bias = (g if need else None for g, need in
+                                          zip(grads, (need_input, need_weight, need_bias)))
+    return grad_input, None, grad_weight, grad_bias, None, None
+
+
+group_norm.register_autograd(_group_norm_backward, setup_context=_group_norm_setup)
+
+
+class GroupNormFunction(torch.autograd.Function):
+    """Eager autograd of the GroupNorm kernels (``group_norm`` + its backward without the
+    custom-op dispatch)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, num_groups, eps, relu):
+        from .norm import group_norm_fwd
+
+        out, mean, rstd = group_norm_fwd(input, num_groups, weight, bias, eps, relu)
+        ctx.save_for_backward(input, mean, rstd, weight)
+        ctx.num_groups, ctx.relu = num_groups, relu
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from .norm import group_norm_bwd
+
+        input, mean, rstd, weight = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grads = group_norm_bwd(grad_out, input, mean, rstd, weight, ctx.num_groups, ctx.relu,
+                               need_input=need_input, need_weight=need_weight,
+                               need_bias=need_bias)
+        return grads + (None, None, None)
+
+
+@torch.library.custom_op("d2conv::depthwise_conv3d", mutates_args=())
+def depthwise_conv3d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
+                     padding: list[int], dilation: list[int]) -> Tensor:
+    _require_triton(input)
+    from .depthwise import depthwise_fwd
+
+    geo = check_depthwise(input, weight, bias, stride, padding, dilation)
+    return depthwise_fwd(geo, input, weight, bias)
+
+
+def _depthwise_format(input):
+    return (torch.channels_last_3d if input.is_contiguous(memory_format=torch.channels_last_3d)
+            and not input.is_contiguous() else torch.contiguous_format)
+
+
+@depthwise_conv3d.register_fake
+def _(input, weight, bias, stride, padding, dilation):
+    geo = check_depthwise(input, weight, bias, stride, padding, dilation)
+    return torch.empty((geo.N, geo.C, *geo.out), device=input.device, dtype=input.dtype,
+                       memory_format=_depthwise_format(input))
+
+
+@torch.library.custom_op("d2conv::depthwise_conv3d_backward", mutates_args=())
+def depthwise_conv3d_backward(grad_out: Tensor, input: Tensor, weight: Tensor, stride: list[int],
+                              padding: list[int], dilation: list[int], need_input: bool,
+                              need_weight: bool, need_bias: bool
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias); empty where not needed."""
+    _require_triton(input)
+    from .depthwise import depthwise_bwd
+
+    geo = check_depthwise(input, weight, None, stride, padding, dilation)
+    grads = depthwise_bwd(geo, grad_out, input, weight, need_input=need_input,
+                          need_weight=need_weight, need_bias=need_bias)
+    return tuple(input.new_empty(0) if g is None else g for g in grads)
+
+
+@depthwise_conv3d_backward.register_fake
+def _(grad_out, input, weight, stride, padding, dilation, need_input, need_weight, need_bias):
+    return (_empty_or(need_input, lambda: torch.empty_like(
+                input, memory_format=_depthwise_format(input)), input),
+            _empty_or(need_weight, lambda: torch.empty_like(
+                weight, memory_format=torch.contiguous_format), input),
+            _empty_or(need_bias, lambda: input.new_empty((weight.shape[0],)), input))
+
+
+def _depthwise_setup(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.conf = (stride, padding, dilation)
+    ctx.has_bias = bias is not None
+
+
+def _depthwise_backward(ctx, grad_out):
+    input, weight = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    need_bias = need_bias and ctx.has_bias
+    grads = torch.ops.d2conv.depthwise_conv3d_backward(grad_out, input, weight, *ctx.conf,
+                                                       need_input, need_weight, need_bias)
+    grad_input, grad_weight, grad_bias = (g if need else None for g, need in
+                                          zip(grads, (need_input, need_weight, need_bias)))
+    return grad_input, grad_weight, grad_bias, None, None, None
+
+
+depthwise_conv3d.register_autograd(_depthwise_backward, setup_context=_depthwise_setup)
+
+
+class DepthwiseConv3dFunction(torch.autograd.Function):
+    """Eager autograd of the depthwise kernels. ``geo`` is ``check_depthwise``'s result."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, geo):
+        from .depthwise import depthwise_fwd
+
+        ctx.save_for_backward(input, weight)
+        ctx.geo = geo
+        return depthwise_fwd(geo, input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from .depthwise import depthwise_bwd
+
+        input, weight = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grads = depthwise_bwd(ctx.geo, grad_out, input, weight, need_input=need_input,
+                              need_weight=need_weight, need_bias=need_bias)
+        return grads + (None,)

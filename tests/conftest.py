@@ -29,3 +29,26 @@ def reference_on_cpu(monkeypatch):
         # first decorates while the variable is 0 would not run under the interpreter later
         import kernels
         monkeypatch.setattr(kernels, "_use_triton", lambda input: input.device.type == "meta")
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Every torch.empty / empty_like made during a test starts as NaN, so that outputs a kernel
+    leaves unwritten show up."""
+    # a ``with torch.device(...)`` block redirects the constructors it lists on its first use,
+    # cached: list the real ones before they are replaced, or later blocks miss torch.empty
+    from torch.utils import _device
+
+    _device._device_constructors()
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+
+    def nan_empty_like(*args, **kwargs):
+        t = empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)

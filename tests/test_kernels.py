@@ -14,21 +14,8 @@ from helpers import (DEVICE, NAMES, Case, apply, make_inputs, nan_padded, refere
 ON_GPU = DEVICE == "cuda"
 
 
-@pytest.fixture(autouse=True)
-def poison_empty(monkeypatch):
-    """Every torch.empty / empty_like made during a test starts as NaN."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
-
-    def nan_empty_like(*args, **kwargs):
-        t = empty_like(*args, **kwargs)
-        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+# every torch.empty / empty_like made during a test starts as NaN (conftest.py)
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 def check_against_reference(case, dtype=torch.float32, tol=1e-5, coords=None):
