@@ -16,7 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as checkpoint_fn
 
-__all__ = ["FrozenBatchNorm3d", "Stem", "Bottleneck", "IrCSN", "ir_csn_152", "ir_csn_50", "ir_csn_tiny",
+import kernels
+
+from .layers import DepthwiseConv3d, GroupNorm
+
+__all__ = ["FrozenBatchNorm3d", "conv_norm", "Stem", "Bottleneck", "IrCSN", "ir_csn_152", "ir_csn_50", "ir_csn_tiny",
            "ir_csn_small", "group_norm", "BACKBONES"]
 
 
@@ -36,9 +40,13 @@ class FrozenBatchNorm3d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scale_shift(self):
+        """(scale, shift), fp32 (C,): the affine map y = x * scale + shift."""
         scale = self.weight.float() * torch.rsqrt(self.running_var.float() + self.eps)
-        shift = self.bias.float() - self.running_mean.float() * scale
+        return scale, self.bias.float() - self.running_mean.float() * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.scale_shift()
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
 
@@ -49,6 +57,20 @@ class FrozenBatchNorm3d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
+
+
+def conv_norm(conv: nn.Conv3d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """norm(conv(x)); a frozen BN is folded into the convolution instead (weight * scale, bias
+    shift), which computes the same function without the BN's two elementwise passes over the
+    convolution's output."""
+    if not isinstance(norm, FrozenBatchNorm3d):
+        return norm(conv(x))
+    scale, shift = norm.scale_shift()
+    weight = conv.weight * scale.view(-1, 1, 1, 1, 1).to(conv.weight.dtype)
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    if isinstance(conv, DepthwiseConv3d):
+        return kernels.depthwise_conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
+    return F.conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class Stem(nn.Module):
@@ -64,12 +86,13 @@ class Stem(nn.Module):
         self.pool = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(F.relu(self.bn(self.conv(x))))
+        return self.pool(F.relu(conv_norm(self.conv, self.bn, x)))
 
 
 class Bottleneck(nn.Module):
-    """ir-CSN bottleneck: 1x1x1 -> BN -> ReLU -> depthwise 3x3x3 (stride s) -> BN -> ReLU -> 1x1x1
-    -> BN, plus the shortcut (1x1x1 conv stride s + BN where the shape changes, else identity), ReLU.
+    """ir-CSN bottleneck: 1x1x1 -> BN -> ReLU -> depthwise 3x3x3 (stride s; DepthwiseConv3d, the
+    Triton kernels) -> BN -> ReLU -> 1x1x1 -> BN, plus the shortcut (1x1x1 conv stride s + BN where
+    the shape changes, else identity), ReLU.
 
     x: (B, in_ch, T, H, W) -> (B, width * expansion, T/s, H/s, W/s).
     """
@@ -80,7 +103,7 @@ class Bottleneck(nn.Module):
         out_ch = width * expansion
         self.conv1 = nn.Conv3d(in_ch, width, 1, bias=False)
         self.bn1 = norm(width)
-        self.conv2 = nn.Conv3d(width, width, 3, stride=stride, padding=1, groups=width, bias=False)
+        self.conv2 = DepthwiseConv3d(width, width, 3, stride=stride, padding=1, bias=False)
         self.bn2 = norm(width)
         self.conv3 = nn.Conv3d(width, out_ch, 1, bias=False)
         self.bn3 = norm(out_ch)
@@ -91,11 +114,11 @@ class Bottleneck(nn.Module):
             self.shortcut_conv = self.shortcut_bn = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = F.relu(conv_norm(self.conv1, self.bn1, x))
+        out = F.relu(conv_norm(self.conv2, self.bn2, out))
+        out = conv_norm(self.conv3, self.bn3, out)
         if self.shortcut_conv is not None:
-            x = self.shortcut_bn(self.shortcut_conv(x))
+            x = conv_norm(self.shortcut_conv, self.shortcut_bn, x)
         return F.relu(out + x)
 
 
@@ -151,9 +174,9 @@ def ir_csn_50(checkpoint: bool = False) -> IrCSN:
     return IrCSN([3, 4, 6, 3], checkpoint=checkpoint)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+def group_norm(channels: int) -> GroupNorm:
     """GroupNorm in 8 groups (one channel a group below 8 channels)."""
-    return nn.GroupNorm(min(8, channels), channels)
+    return GroupNorm(min(8, channels), channels)
 
 
 def ir_csn_tiny(checkpoint: bool = False, layers=(1, 1, 1, 1), widths=(8, 16, 32, 64),

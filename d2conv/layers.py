@@ -1,6 +1,7 @@
-"""Convolution layers on the kernels: D²Conv3D (docs/operators.md) and deformable 3D
-convolution, their 2D forms (D2Conv2d, DeformConv2d), and ``convert_convs`` to put them in place
-of the plain Conv3d and Conv2d of an existing network."""
+"""Layers on the kernels: D²Conv3D (docs/operators.md) and deformable 3D convolution, their 2D
+forms (D2Conv2d, DeformConv2d), and ``convert_convs`` to put them in place of the plain Conv3d
+and Conv2d of an existing network; GroupNorm and DepthwiseConv3d, nn.GroupNorm and a depthwise
+nn.Conv3d on the Triton kernels, with the same constructors and state dicts."""
 import math
 
 import torch
@@ -239,6 +240,43 @@ class DeformConv2d(_DeformConv):
                                      self.padding, self.dilation, mask)
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm on ``kernels.group_norm``: the same constructor, parameters and state dict.
+
+    ``forward(x, relu=True)`` normalises ReLU(x) in the same passes, for a conv -> ReLU ->
+    GroupNorm without a ReLU pass of its own. x: (N, C, *) -> same shape, dtype and memory
+    format (under autocast too: the statistics are fp32 inside the kernels).
+    """
+
+    def forward(self, input, relu=False):
+        return kernels.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, relu)
+
+
+class DepthwiseConv3d(nn.Conv3d):
+    """A depthwise nn.Conv3d (groups = in_channels = out_channels) on
+    ``kernels.depthwise_conv3d``: nn.Conv3d's constructor (``groups`` defaults to the channels),
+    parameters and state dict. Zero padding given as numbers only.
+
+    x: (N, C, T, H, W), contiguous or channels_last_3d -> (N, C, To, Ho, Wo), same format.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=None, bias=True, padding_mode="zeros", device=None, dtype=None):
+        groups = in_channels if groups is None else groups
+        if not in_channels == out_channels == groups:
+            raise ValueError(f"a depthwise convolution needs in_channels == out_channels == "
+                             f"groups, got {in_channels}, {out_channels}, {groups}")
+        if padding_mode != "zeros" or isinstance(padding, str):
+            raise ValueError(f"padding must be numbers with padding_mode 'zeros', got "
+                             f"padding={padding!r}, padding_mode={padding_mode!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+
+    def forward(self, input):
+        return kernels.depthwise_conv3d(input, self.weight, self.bias, self.stride, self.padding,
+                                        self.dilation)
+
+
 # the decoder-conv variants of the paper's comparison that replace convolutions: the 3D layer of
 # each, and the 2D layer of those that have a 2D form
 VARIANTS = {
@@ -280,7 +318,7 @@ def convert_convs(module, variant, **options):
         if isinstance(child, _SampledConv):
             continue                                   # already converted: leave its predictor
         target = None
-        if type(child) is nn.Conv3d and tuple(child.kernel_size) != (1, 1, 1):
+        if type(child) in (nn.Conv3d, DepthwiseConv3d) and tuple(child.kernel_size) != (1, 1, 1):
             target = VARIANTS[variant]
         elif type(child) is nn.Conv2d and tuple(child.kernel_size) != (1, 1):
             target = VARIANTS_2D.get(variant)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import BACKBONES
-from .layers import VARIANTS, convert_convs
+from .layers import VARIANTS, GroupNorm, convert_convs
 
 MEAN = (0.43216, 0.394666, 0.37645)
 STD = (0.22803, 0.22145, 0.216989)
@@ -24,12 +24,19 @@ def conv3(in_channels, out_channels, dilation=1, bias=True):
 
 class Unit(nn.Sequential):
     """conv -> ReLU -> GroupNorm(1, C): the refine block's unit (norm after the ReLU). ``conv``
-    is a 3x3x3 Conv3d unless given (the dilated baseline puts an ASPP3d there)."""
+    is a 3x3x3 Conv3d unless given (the dilated baseline puts an ASPP3d there).
+
+    The ReLU runs inside the norm's kernels (``GroupNorm.forward(x, relu=True)``: one pass over
+    the conv's output fewer each way); its module keeps its place, so the state dict's keys
+    (``0.weight``, ``2.weight``) are those of conv, ReLU, GroupNorm in a row."""
 
     def __init__(self, in_channels, out_channels, conv=None):
-        # in place after a plain conv; not after an ASPP, whose last ReLU autograd keeps
         super().__init__(conv if conv is not None else conv3(in_channels, out_channels),
-                         nn.ReLU(inplace=conv is None), nn.GroupNorm(1, out_channels))
+                         nn.ReLU(), GroupNorm(1, out_channels))
+
+    def forward(self, x):
+        conv, _, norm = self
+        return norm(conv(x), relu=True)
 
 
 class ASPP3d(nn.Module):
@@ -117,8 +124,8 @@ class Decoder(nn.Module):
         self.rf2 = Refine3d(c2, mdim, rates(c2))
         self.rf1 = Refine3d(c1, mdim, rates(c1))
         self.pred = conv3(mdim, 1)
-        self.gc_norm = nn.GroupNorm(1, mdim) if norm else nn.Identity()
-        self.pred_norm = nn.GroupNorm(1, mdim) if norm else nn.Identity()
+        self.gc_norm = GroupNorm(1, mdim) if norm else nn.Identity()
+        self.pred_norm = GroupNorm(1, mdim) if norm else nn.Identity()
 
     def forward(self, e1, e2, e3, e4):
         x = self.gc_norm(self.GC(e4))

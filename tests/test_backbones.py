@@ -6,7 +6,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from d2conv import backbones
-from d2conv.backbones import FrozenBatchNorm3d, ir_csn_50, ir_csn_152, ir_csn_tiny
+from d2conv.backbones import (Bottleneck, FrozenBatchNorm3d, conv_norm, ir_csn_50, ir_csn_152,
+                              ir_csn_tiny)
+from d2conv.layers import DepthwiseConv3d
+
+pytestmark = pytest.mark.usefixtures("reference_on_cpu")
 
 SHAPES_8x480x864 = [(256, 8, 120, 216), (512, 4, 60, 108), (1024, 2, 30, 54), (2048, 1, 15, 27)]
 
@@ -61,6 +65,38 @@ def test_frozen_bn_matches_batch_norm_eval():
         y = bn(x.bfloat16())
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("conv", [
+    torch.nn.Conv3d(4, 6, 1, bias=False),
+    torch.nn.Conv3d(4, 6, 3, stride=2, padding=1),
+    DepthwiseConv3d(4, 4, 3, stride=(1, 2, 2), padding=1, bias=False),
+], ids=["1x1x1", "3x3x3-stride2-bias", "depthwise"])
+def test_frozen_bn_folded_into_the_conv(conv):
+    """conv_norm folds a frozen BN into the convolution: the output and the gradients of the
+    input and the conv's weight are those of BN(conv(x))."""
+    torch.manual_seed(0)
+    bn = FrozenBatchNorm3d(conv.out_channels)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(bn, name).copy_(torch.randn(conv.out_channels))
+    bn.running_var.copy_(torch.rand(conv.out_channels) + 0.1)
+    x = torch.randn(2, 4, 3, 6, 7, requires_grad=True)
+    ref = bn(conv(x))
+    out = conv_norm(conv, bn, x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (x, conv.weight), grad)
+    grads = torch.autograd.grad(out, (x, conv.weight), grad)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+    norm = torch.nn.GroupNorm(2, conv.out_channels)       # any other norm is applied as it is
+    torch.testing.assert_close(conv_norm(conv, norm, x), norm(conv(x)))
+
+
+def test_bottleneck_depthwise_conv_is_the_triton_layer():
+    block = Bottleneck(16, 8, stride=2)
+    assert type(block.conv2) is DepthwiseConv3d and block.conv2.stride == (2, 2, 2)
+    assert tuple(block.state_dict()["conv2.weight"].shape) == (8, 1, 3, 3, 3)
 
 
 def test_frozen_bn_loads_batchnorm3d_state():

@@ -1,12 +1,13 @@
-"""D2Conv3d, DeformConv3d, their 2D forms D2Conv2d and DeformConv2d, and convert_convs."""
+"""D2Conv3d, DeformConv3d, their 2D forms D2Conv2d and DeformConv2d, convert_convs, and the
+GroupNorm and DepthwiseConv3d layers."""
 import pytest
 import torch
 from torch import nn
 
 import torch.nn.functional as F
 
-from d2conv.layers import (D2Conv2d, D2Conv3d, DeformConv2d, DeformConv3d, convert_convs,
-                            predictor_parameters)
+from d2conv.layers import (D2Conv2d, D2Conv3d, DeformConv2d, DeformConv3d, DepthwiseConv3d,
+                            GroupNorm, convert_convs, predictor_parameters)
 from helpers import DEVICE, rel_err
 
 pytestmark = pytest.mark.usefixtures("reference_on_cpu")
@@ -260,3 +261,35 @@ def test_2d_bad_arguments():
         DeformConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
     with pytest.raises(TypeError, match="restrict"):           # 3D only
         DeformConv2d(4, 4, 3, restrict="spatial")
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_group_norm_layer_is_nn_group_norm(groups):
+    """The same state dict as nn.GroupNorm, the same function, and ReLU(x) with relu=True."""
+    torch.manual_seed(0)
+    ref = nn.GroupNorm(groups, 6).to(DEVICE)
+    nn.init.uniform_(ref.weight, 0.5, 1.5)
+    nn.init.normal_(ref.bias)
+    layer = GroupNorm(groups, 6).to(DEVICE)
+    layer.load_state_dict(ref.state_dict())
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    x = torch.randn(2, 6, 3, 4, 5, device=DEVICE)
+    assert rel_err(layer(x), ref(x)) < 1e-5
+    assert rel_err(layer(x, relu=True), ref(F.relu(x))) < 1e-5
+
+
+def test_depthwise_layer_is_a_depthwise_conv3d():
+    """nn.Conv3d's constructor and state dict, the same function; not a depthwise shape: one
+    line naming it."""
+    torch.manual_seed(0)
+    ref = nn.Conv3d(6, 6, 3, stride=(1, 2, 2), padding=1, groups=6).to(DEVICE)
+    layer = DepthwiseConv3d(6, 6, 3, stride=(1, 2, 2), padding=1).to(DEVICE)
+    layer.load_state_dict(ref.state_dict())
+    assert layer.groups == 6 and set(layer.state_dict()) == {"weight", "bias"}
+    x = torch.randn(2, 6, 3, 7, 8, device=DEVICE)
+    assert rel_err(layer(x), ref(x)) < 1e-5
+    with pytest.raises(ValueError, match="in_channels == out_channels == groups"):
+        DepthwiseConv3d(6, 12, 3)
+    with pytest.raises(ValueError, match="padding"):
+        DepthwiseConv3d(6, 6, 3, padding="same")
+    assert convert_convs(nn.Sequential(layer), "d2conv-xyz") == 1     # converted as the Conv3d

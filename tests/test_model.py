@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2conv.layers import D2Conv3d, DeformConv3d
-from d2conv.model import DECODER_CONVS, ASPP3d, EncoderDecoder, pad_to_multiple, padding
+from d2conv.layers import D2Conv3d, DeformConv3d, GroupNorm
+from d2conv.model import (DECODER_CONVS, ASPP3d, EncoderDecoder, Unit, pad_to_multiple,
+                          padding)
 from helpers import DEVICE
 
 pytestmark = pytest.mark.usefixtures("reference_on_cpu")
@@ -43,7 +44,7 @@ def test_aspp_replaces_the_first_conv_of_wide_refine_blocks():
         model = EncoderDecoder("ir_csn_152", "aspp")
     units = model.decoder.rf3.FS1, model.decoder.rf2.FS1, model.decoder.rf1.FS1
     for unit in units:
-        assert [type(m) for m in list(unit)[1:]] == [torch.nn.ReLU, torch.nn.GroupNorm]
+        assert [type(m) for m in list(unit)[1:]] == [torch.nn.ReLU, GroupNorm]
         assert unit[2].num_groups == 1 and unit[2].num_channels == 256
     rf3, rf2, rf1 = (unit[0] for unit in units)
     assert isinstance(rf3, ASPP3d) and isinstance(rf2, ASPP3d) and not isinstance(rf1, ASPP3d)
@@ -52,6 +53,20 @@ def test_aspp_replaces_the_first_conv_of_wide_refine_blocks():
     assert [b[0].dilation for b in rf3.branches[1:]] == [(1, 3, 3), (1, 6, 6), (1, 9, 9)]
     assert [b[0].dilation for b in rf2.branches[1:]] == [(1, 6, 6), (1, 12, 12), (1, 18, 18)]
     assert all(b[0].padding == b[0].dilation for b in rf2.branches[1:])
+
+
+def test_unit_is_conv_relu_group_norm():
+    """The unit runs its ReLU inside the norm's kernels: conv -> ReLU -> GroupNorm(1, C) all the
+    same, with the state dict of the three modules in a row."""
+    torch.manual_seed(0)
+    unit = Unit(4, 6).to(DEVICE)
+    torch.nn.init.uniform_(unit[2].weight, 0.5, 1.5)
+    torch.nn.init.normal_(unit[2].bias)
+    assert set(unit.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    x = torch.randn(2, 4, 3, 5, 6, device=DEVICE)
+    ref = F.group_norm(F.relu(unit[0](x)), 1, unit[2].weight, unit[2].bias)
+    out = unit(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
 
 
 def test_unpadded_clip_is_refused_and_padding_helper():

@@ -12,6 +12,8 @@ import pytest
 from d2conv.backbones import ir_csn_50
 from d2conv.weights import convert, load_backbone_weights, load_caffe2_pickle
 
+pytestmark = pytest.mark.usefixtures("reference_on_cpu")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
