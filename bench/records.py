@@ -49,6 +49,8 @@ def merge(name, row, key):
     of the ``key`` fields; the other rows stay. Rows are kept sorted by key."""
     path = RESULTS / name
     rows = json.loads(path.read_text()) if path.exists() else []
-    same = tuple(row[k] for k in key)
-    rows = [r for r in rows if tuple(r[k] for k in key) != same] + [row]
-    return write(name, sorted(rows, key=lambda r: tuple(r[k] for k in key)))
+    def of(r):      # a row of an older record may lack a later key field
+        return tuple(str(r.get(k, "")) for k in key)
+
+    rows = [r for r in rows if of(r) != of(row)] + [row]
+    return write(name, sorted(rows, key=of))

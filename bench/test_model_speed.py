@@ -2,47 +2,50 @@
 
 ir-CSN-152 with backbone checkpointing (docs/model.md), batch 2 of 8x480x864 clips, bf16
 autocast, Adam, gradient clipping (docs/training.md), with the dense 3DC-Seg decoder and with
-D²Conv3D (xyz, modulated, in rf2 and rf3). Records the median step time, the peak memory and the
+D²Conv3D (xyz, modulated, in rf2 and rf3); each with the model's Triton GroupNorm and depthwise
+convolutions ("triton") and with PyTorch's ("pytorch": profile_model.pytorch_ops, the model's
+computation before its Triton kernels). Records the median step time, the peak memory and the
 parameter counts in <gpu>-model.json among the bench's records (records.py).
 """
+import contextlib
 import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from d2conv.model import EncoderDecoder
 from kernels import settings
+from profile_model import pytorch_ops, training_step
 from records import gpu_name, merge
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a GPU")
 
 
 def record(entry):
-    """Merge one decoder's step into <gpu>-model.json, in place of an earlier one."""
+    """Merge one decoder's step into <gpu>-model.json, in place of an earlier one of the same
+    decoder and ops."""
     gpu = gpu_name()
     merge(f"{gpu}-model.json", dict(gpu=gpu, **entry, torch=torch.__version__,
                                     triton=__import__("triton").__version__,
                                     autotuned=settings.autotune()),
-          key=("decoder_conv",))
+          key=("decoder_conv", "ops"))
 
 
+@pytest.mark.parametrize("ops", ["triton", "pytorch"])
 @pytest.mark.parametrize("decoder_conv", ["dense", "d2conv-xyz"])
-def test_train_step(benchmark, decoder_conv):
+def test_train_step(benchmark, decoder_conv, ops):
+    context = pytorch_ops() if ops == "pytorch" else contextlib.nullcontext()
+    with context:
+        train_step(benchmark, decoder_conv, ops)
+
+
+def train_step(benchmark, decoder_conv, ops):
     torch.manual_seed(0)
     model = EncoderDecoder("ir_csn_152", decoder_conv, checkpoint=True).cuda().train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
-    clip = torch.rand(2, 3, 8, 480, 864, device="cuda")
-    target = (torch.rand(2, 1, 8, 480, 864, device="cuda") > 0.5).float()
+    one_step = training_step(model)
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(clip)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        optimizer.step()
+        loss = one_step()
         torch.cuda.synchronize()
         return loss
 
@@ -53,7 +56,8 @@ def test_train_step(benchmark, decoder_conv):
     loss = benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
     assert torch.isfinite(loss)
     params = sum(p.numel() for p in model.parameters())
-    entry = dict(decoder_conv=decoder_conv, batch=2, clip="8x480x864", dtype="bfloat16-autocast",
+    entry = dict(decoder_conv=decoder_conv, ops=ops, batch=2, clip="8x480x864",
+                 dtype="bfloat16-autocast",
                  median_ms=benchmark.stats.stats.median * 1e3,
                  peak_mib=torch.cuda.max_memory_allocated() / 2**20, params=params,
                  backbone_params=sum(p.numel() for p in model.encoder.parameters()),

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-SCRIPTS = ["ablate", "compile_check", "inference", "ncu_profile", "records", "table",
-           "test_2d_speed"]
+SCRIPTS = ["ablate", "compile_check", "inference", "ncu_profile", "profile_model", "records",
+           "table", "test_2d_speed", "test_model_ops_speed", "test_model_speed"]
 
 
 @pytest.fixture
@@ -128,3 +128,25 @@ def test_smooth_size_map(bench_path):
     rough = torch.rand(2, 3, 4, 60, 108) * 2.5 + 0.5
     step = (smooth.diff(dim=-1).abs().mean() / rough.diff(dim=-1).abs().mean()).item()
     assert step < 0.3, step
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>", "GroupNorm"),
+    ("_gn_stats_kernel", "GroupNorm"),
+    ("void at::native::conv_depthwise3d_cuda_kernel<c10::BFloat16, float, 3, 3, 3>",
+     "depthwise 3D conv"),
+    ("depthwise_fwd_kernel", "depthwise 3D conv"),
+    ("d2conv_fwd_hopper_kernel", "D²Conv"),
+    ("d2conv_bwd_data_kernel", "D²Conv"),
+    ("void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16>", "NCDHW <-> NDHWC copies"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "cuDNN convolutions"),
+    ("sm90_xmma_dgrad_implicit_gemm_bf16", "cuDNN convolutions"),
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNN", "GEMMs"),
+    ("void at::native::multi_tensor_apply_kernel<FusedAdam>", "optimizer and clipping"),
+    ("void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>", "copies and casts"),
+    ("void at::native::vectorized_elementwise_kernel<4, AddFunctor<float>>", "elementwise"),
+    ("Memset (Device)", "other"),
+])
+def test_profile_categories(bench_path, name, expected):
+    """The profile's categories catch the kernels of the paper model's step by name."""
+    assert importlib.import_module("profile_model").category(name) == expected
