@@ -28,6 +28,7 @@ from d2conv.errors import InputError, MissingInput, exit_status
 from d2conv.evaluation import (evaluate_results, format_tables, protocol_sequences, run_model,
                                summary)
 from d2conv.metrics import mae, max_f_measure, write_csvs
+from d2conv.model import to_device
 
 
 def parse_args(argv=None):
@@ -79,7 +80,7 @@ def load_model(path, device):
     cfg = from_dict(state["config"])
     model = build_model(cfg)
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg, state
+    return to_device(model, device).eval(), cfg, state
 
 
 def saliency_scores(davis_root, results, split):

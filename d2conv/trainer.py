@@ -34,6 +34,7 @@ from .errors import InputError
 from .evaluation import validate
 from .layers import predictor_parameters
 from .losses import SegmentationLoss
+from .model import to_device
 from .progress import interactive, progress
 
 
@@ -149,7 +150,7 @@ class Trainer:
 
         if not cfg.autotune:
             kernels.set_autotune(False)
-        self.model = build_model(cfg).to(self.device)
+        self.model = to_device(build_model(cfg), self.device)
         if cfg.backbone_weights:
             from .weights import load_backbone_weights
             load_backbone_weights(self.model.encoder, cfg.backbone_weights)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from d2conv.layers import D2Conv3d, DeformConv3d, GroupNorm
 from d2conv.model import (DECODER_CONVS, ASPP3d, EncoderDecoder, Unit, pad_to_multiple,
-                          padding)
+                          padding, to_device)
 from helpers import DEVICE
 
 pytestmark = pytest.mark.usefixtures("reference_on_cpu")
@@ -67,6 +67,23 @@ def test_unit_is_conv_relu_group_norm():
     ref = F.group_norm(F.relu(unit[0](x)), 1, unit[2].weight, unit[2].bias)
     out = unit(x)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_to_device_puts_a_gpu_model_in_channels_last():
+    """On the CPU the model only moves; on a GPU its convolutions' weights, and so every
+    activation, are channels_last_3d, and it computes what the contiguous model does."""
+    torch.manual_seed(0)
+    model = EncoderDecoder("ir_csn_tiny", "d2conv-xyz", mdim=16).eval()
+    on_cpu = to_device(model, "cpu")
+    assert on_cpu.decoder.pred.weight.is_contiguous()
+    if DEVICE != "cuda":
+        return
+    clip = torch.rand(1, 3, 4, 64, 64, device=DEVICE)
+    with torch.no_grad():
+        ref = model.to(DEVICE)(clip)
+        out = to_device(model, DEVICE)(clip)
+    assert model.decoder.pred.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
 
 
 def test_unpadded_clip_is_refused_and_padding_helper():
