@@ -56,7 +56,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmark
 def norm_fn(impl, groups, relu):
     if impl == "triton":
         return lambda x, w, b: kernels.group_norm(x, groups, w, b, relu=relu)
-    return lambda x, w, b: F.group_norm(F.relu(x) if relu else x, groups, w, b)
+    # PyTorch's kernels take the affine in the input's dtype
+    return lambda x, w, b: F.group_norm(F.relu(x) if relu else x, groups, w.to(x.dtype),
+                                        b.to(x.dtype))
 
 
 def depthwise_fn(impl, stride):

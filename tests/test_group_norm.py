@@ -175,6 +175,8 @@ def test_large_mean_statistics_are_stable():
     assert rel_err(rstd, ref_rstd) <= 1e-5
 
 
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's small tiles split these shapes; the GPU's "
+                    "take each group whole (test_launch_geometry_at_the_paper_shapes covers those)")
 @pytest.mark.parametrize("case", [CASES[4], CASES[5]], ids=str)
 def test_statistics_are_split_over_chunks(case, monkeypatch):
     """The test shapes run several chunks per group, along the channels and the positions (the

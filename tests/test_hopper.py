@@ -13,7 +13,10 @@ import kernels
 from helpers import DEVICE, apply, make_inputs, nan_padded, random_coords, rel_err
 from kernels import configs, forward, settings
 from kernels.checks import check_args
-from test_kernels import CASES, poison_empty  # noqa: F401 (poison_empty: autouse fixture)
+from test_kernels import CASES
+
+# every torch.empty / empty_like made during a test starts as NaN (conftest.py)
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 try:
     from kernels import hopper
