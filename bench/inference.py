@@ -9,6 +9,9 @@ it times, per decoder and gap (clip spacing; the evaluation protocol, docs/davis
 - end to end: ``evaluate.py``'s path (``d2conv.evaluation.run_model``), reading the JPEGs and
   writing the PNG masks, which overlaps both with the model on threads;
 and writes ``<gpu>-inference.json`` among the bench's records (records.py) on a GPU.
+``--ops`` names the model variants timed (profile_model.VARIANTS: ``triton``, the model as it is;
+``pytorch``, its GroupNorm and depthwise convolutions on PyTorch's kernels, as before its Triton
+ones), each with every decoder and gap.
 """
 import argparse
 import tempfile
@@ -24,6 +27,7 @@ from d2conv.evaluation import read_frames, run_model
 from d2conv.inference import predict_video
 from d2conv.model import EncoderDecoder
 from kernels import settings
+from profile_model import VARIANTS
 from records import gpu_name, write
 
 
@@ -40,6 +44,31 @@ def model_alone(model, videos, gap, clips_per_batch, amp):
     return frames / seconds
 
 
+def time_decoder(args, decoder, ops, warm, timed, decoded, root, amp, gpu):
+    """The records of one decoder and model variant, at every gap."""
+    cuda = torch.cuda.is_available()
+    height, width = map(int, args.size.split("x"))
+    records = []
+    model = EncoderDecoder(args.backbone, decoder, mdim=256).to("cuda" if cuda else "cpu").eval()
+    for gap in map(int, args.gaps.split(",")):
+        out = root / f"{decoder}-{ops}-{gap}"
+        run_model(model, warm, out, gap=gap, clips_per_batch=args.clips_per_batch, amp_dtype=amp)
+        alone = model_alone(model, decoded, gap, args.clips_per_batch, amp)
+        t = run_model(model, timed, out, gap=gap, clips_per_batch=args.clips_per_batch,
+                      amp_dtype=amp)
+        records.append(dict(gpu=gpu, decoder=decoder, ops=ops, gap=gap, frames=t["frames"],
+                            height=height, width=width, clips_per_batch=args.clips_per_batch,
+                            model_fps=alone, end_to_end_fps=t["frames"] / t["total_s"],
+                            peak_mib=t["peak_mib"] or 0, torch=torch.__version__,
+                            triton=triton.__version__, autotuned=settings.autotune(),
+                            date=time.strftime("%Y-%m-%d")))
+        print(records[-1], flush=True)
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    return records
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=60, help="frames per video")
@@ -50,6 +79,7 @@ def main():
     parser.add_argument("--gaps", default="5,1", help="clip spacings timed")
     parser.add_argument("--backbone", default="ir_csn_152")
     parser.add_argument("--size", default="480x854", help="frame HxW")
+    parser.add_argument("--ops", default="triton", help=f"model variants: {', '.join(VARIANTS)}")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -67,31 +97,15 @@ def main():
     decoded = [read_frames(seq) for seq in timed]
 
     records = []
-    for decoder in args.decoders.split(","):
-        model = EncoderDecoder(args.backbone, decoder, mdim=256).to("cuda" if cuda else "cpu").eval()
-        for gap in map(int, args.gaps.split(",")):
-            out = root / f"{decoder}-{gap}"
-            run_model(model, warm, out, gap=gap, clips_per_batch=args.clips_per_batch,
-                      amp_dtype=amp)
-            alone = model_alone(model, decoded, gap, args.clips_per_batch, amp)
-            t = run_model(model, timed, out, gap=gap, clips_per_batch=args.clips_per_batch,
-                          amp_dtype=amp)
-            records.append(dict(gpu=gpu, decoder=decoder, gap=gap, frames=t["frames"],
-                                height=height, width=width, clips_per_batch=args.clips_per_batch,
-                                model_fps=alone, end_to_end_fps=t["frames"] / t["total_s"],
-                                peak_mib=t["peak_mib"] or 0, torch=torch.__version__,
-                                triton=triton.__version__, autotuned=settings.autotune(),
-                                date=time.strftime("%Y-%m-%d")))
-            print(records[-1], flush=True)
-        del model
-        if cuda:
-            torch.cuda.empty_cache()
-
+    for ops in args.ops.split(","):
+        with VARIANTS[ops]():
+            for decoder in args.decoders.split(","):
+                records += time_decoder(args, decoder, ops, warm, timed, decoded, root, amp, gpu)
     print(f"\n{gpu}, {args.backbone}, 8-frame clips of {args.size}, bf16 on the GPU")
-    print(f"{'decoder':12} {'gap':>3} {'model fps':>10} {'end-to-end fps':>15} {'ratio':>6} "
-          f"{'peak MiB':>9}")
+    print(f"{'decoder':12} {'ops':8} {'gap':>3} {'model fps':>10} {'end-to-end fps':>15} "
+          f"{'ratio':>6} {'peak MiB':>9}")
     for r in records:
-        print(f"{r['decoder']:12} {r['gap']:>3} {r['model_fps']:>10.1f} "
+        print(f"{r['decoder']:12} {r['ops']:8} {r['gap']:>3} {r['model_fps']:>10.1f} "
               f"{r['end_to_end_fps']:>15.1f} {r['end_to_end_fps'] / r['model_fps']:>6.2f} "
               f"{r['peak_mib']:>9.0f}")
     if not cuda:
