@@ -24,7 +24,7 @@ from PIL import Image
 import kernels
 from d2conv.config import build_model, from_dict, load_checkpoint
 from d2conv.data import check_files, dataset_root, load_mask
-from d2conv.errors import InputError, MissingInput, exit_status
+from d2conv.errors import ArgumentParser, InputError, MissingInput, exit_status, int_range
 from d2conv.evaluation import (evaluate_results, format_tables, protocol_sequences, run_model,
                                summary)
 from d2conv.metrics import mae, max_f_measure, write_csvs
@@ -32,18 +32,19 @@ from d2conv.model import to_device
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_argument_group("model mode")
     model.add_argument("--checkpoint", help="a trainer checkpoint (best.pt / last.pt); default: "
                                             "the newest runs/*/best.pt")
     model.add_argument("--data", default=None, help="'synthetic' (default) or a DAVIS root")
     model.add_argument("--out", help="results folder (default: <run>/results_<gap>)")
-    model.add_argument("--temporal-gap", type=int, default=5,
+    model.add_argument("--temporal-gap", type=int_range(1), default=5,
                        help="a clip (of the run's clip_len frames) starts every this many "
-                            "frames (default 5)")
+                            "frames, 1 to clip_len (default 5)")
     model.add_argument("--dense", action="store_true", help="a clip at every frame (gap 1)")
-    model.add_argument("--clips-per-batch", type=int, default=4, help="clips per forward pass")
+    model.add_argument("--clips-per-batch", type=int_range(1), default=4,
+                       help="clips per forward pass")
     model.add_argument("--save-logits", action="store_true", help="also <out>/logits/<seq>.npy")
     model.add_argument("--save-probabilities", action="store_true",
                        help="also <out>/probabilities/<seq>/<frame>.png (for --saliency)")
@@ -117,6 +118,9 @@ def run(args):
     if checkpoint is not None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, cfg, state = load_model(checkpoint, device)
+        if gap > cfg.clip_len:                # frames between clips would get no prediction
+            raise InputError(f"--temporal-gap: must be in [1, {cfg.clip_len}] (the run's clip "
+                             f"length), got {gap}")
         if not cfg.autotune:                  # as the run trained: default kernel configs
             kernels.set_autotune(False)
         davis_root = dataset_root(args.data or cfg.data, cfg.synthetic)
@@ -153,7 +157,7 @@ def run(args):
 
 
 def main(argv=None):
-    return exit_status(run, parse_args(argv))
+    return exit_status(lambda: run(parse_args(argv)))   # a bad option: one line, status 2
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from d2conv.config import DESCRIPTIONS, PRESETS, load_checkpoint, make_config
-from d2conv.errors import InputError, MissingInput, exit_status
+from d2conv.errors import (ArgumentParser, InputError, MissingInput, exit_status,
+                           int_range, positive_float)
 from d2conv.model import DECODER_CONVS
 from d2conv.trainer import NonFiniteLoss, Trainer, minutes, scores_line
 
@@ -31,7 +32,7 @@ a from-scratch preset."""
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="model and recipe (default: tiny on the CPU; on a GPU small, or paper "
                         "when --backbone-weights is given)")
@@ -43,15 +44,18 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its last.pt (its config, with the "
                         "options given here overriding it)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
-    p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--max-steps", type=int_range(1),
+                   help="stop after this many optimizer steps in total")
+    p.add_argument("--epochs", type=int_range(1), help="number of epochs")
     p.add_argument("--backbone-weights", help="converted VMZ ir-CSN weights "
                                               "(python -m d2conv.weights convert SRC DST)")
     p.add_argument("--decoder-conv", choices=DECODER_CONVS,
                    help="decoder convolutions: dense (3DC-Seg), aspp, dcn, dcnv2, d2conv-<mode> "
                         "(default d2conv-xyz, the paper's model)")
-    p.add_argument("--batch-size", type=int, help="clips per process (global batch = this x GPUs)")
-    p.add_argument("--lr", type=float, help="learning rate (paper: 1e-5 with a pretrained backbone)")
+    p.add_argument("--batch-size", type=int_range(1),
+                   help="clips per process (global batch = this x GPUs)")
+    p.add_argument("--lr", type=positive_float,
+                   help="learning rate (paper: 1e-5 with a pretrained backbone)")
     p.add_argument("--loss", choices=["lovasz", "bce", "bce+lovasz"], help="training loss")
     p.add_argument("--optimizer", choices=["adam", "adamw"], help="optimizer")
     p.add_argument("--scheduler", choices=["step", "cosine"], help="learning-rate schedule")
@@ -62,9 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--no-replacement", dest="replacement", action="store_false", default=None,
                    help="draw a clip's frames without replacement (the original draws 8 with "
                         "replacement from the 8 around the centre frame)")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes")
-    p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--log-every", type=int,
+    p.add_argument("--workers", type=int_range(0), help="DataLoader worker processes")
+    p.add_argument("--seed", type=int_range(0, 2**32 - 1), help="random seed")
+    p.add_argument("--log-every", type=int_range(1),
                    help="optimizer steps between log lines (log.jsonl, TensorBoard, progress)")
     return p.parse_args(argv)
 
@@ -153,7 +157,7 @@ def run(args):
 
 
 def main(argv=None):
-    return exit_status(run, parse_args(argv))
+    return exit_status(lambda: run(parse_args(argv)))   # a bad option: one line, status 2
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@ status 2; any other exception is a bug and keeps its traceback. The subclasses a
 built-in errors they stand for, so ``except FileNotFoundError`` catches a missing input too.
 """
 
+import argparse
+import math
 import sys
 
-__all__ = ["InputError", "MissingInput", "BadInput", "message", "exit_status"]
+__all__ = ["InputError", "MissingInput", "BadInput", "message", "exit_status", "ArgumentParser",
+           "int_range", "positive_float"]
 
 
 class InputError(Exception):
@@ -43,3 +46,39 @@ def exit_status(run, *args) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors (unknown option, bad choice, a value out of range) are an
+    InputError, so the command line prints them as one line and exits with status 2."""
+
+    def error(self, message):
+        raise InputError(message)
+
+
+def int_range(low, high=None):
+    """An argparse ``type``: an integer in [low, high] (no upper bound without ``high``)."""
+    allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer {allowed}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer {allowed}"
+    return parse
+
+
+def positive_float(text):
+    """An argparse ``type``: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
