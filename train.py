@@ -6,7 +6,8 @@
     torchrun --nproc_per_node 2 train.py --preset paper ...   # DDP; the global batch is 2 x batch-size
 
 Exit status: 0 done, 2 bad input (a path, a file, an option: one line says which), 3 non-finite
-loss (the last good checkpoint is kept), 130 interrupted (after saving last.pt).
+loss (the last good checkpoint is kept), 130 interrupted by Ctrl-C, 143 by SIGTERM (both after
+saving last.pt).
 """
 import argparse
 import os
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 
 from d2conv.config import DESCRIPTIONS, PRESETS, load_checkpoint, make_config
-from d2conv.errors import (ArgumentParser, InputError, MissingInput, exit_status,
-                           int_range, positive_float)
+from d2conv.errors import (ArgumentParser, InputError, MissingInput, Terminated, exit_status,
+                           int_range, on_sigterm, positive_float)
 from d2conv.model import DECODER_CONVS
 from d2conv.trainer import NonFiniteLoss, Trainer, minutes, scores_line
 
@@ -130,12 +131,17 @@ def run(args):
         announce(cfg, why)
     trainer = Trainer(cfg)
     try:
-        if args.resume:
-            trainer.resume()
-        summary = trainer.fit()
+        with on_sigterm():                  # SIGTERM saves last.pt as Ctrl-C does
+            if args.resume:
+                trainer.resume()
+            summary = trainer.fit()
     except NonFiniteLoss as error:
         print(f"stopped: {error}; the last good checkpoint is kept in {cfg.run_dir}", file=sys.stderr)
         return 3
+    except Terminated:
+        print(f"\nterminated (SIGTERM): saved {cfg.run_dir}/last.pt; --resume continues it",
+              file=sys.stderr)
+        return Terminated.status
     except KeyboardInterrupt:
         print(f"\ninterrupted: saved {cfg.run_dir}/last.pt", file=sys.stderr)
         return 130

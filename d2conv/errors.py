@@ -6,11 +6,13 @@ built-in errors they stand for, so ``except FileNotFoundError`` catches a missin
 """
 
 import argparse
+import contextlib
 import math
+import signal
 import sys
 
-__all__ = ["InputError", "MissingInput", "BadInput", "message", "exit_status", "ArgumentParser",
-           "int_range", "positive_float"]
+__all__ = ["InputError", "MissingInput", "BadInput", "Terminated", "on_sigterm", "message",
+           "exit_status", "ArgumentParser", "int_range", "positive_float"]
 
 
 class InputError(Exception):
@@ -35,14 +37,39 @@ def message(error: BaseException) -> str:
     return text
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a cluster scheduler or ``timeout`` sends before it kills a job), raised in
+    the main thread as a Ctrl-C is, so that whatever saves on a Ctrl-C saves on it too."""
+
+    status = 143                                   # 128 + SIGTERM, as a shell reports it
+
+
+@contextlib.contextmanager
+def on_sigterm():
+    """SIGTERM raises Terminated in the main thread for the duration of a with block (then the
+    handler before it is back)."""
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def exit_status(run, *args) -> int:
     """A command line's exit status: ``run(*args)``'s, or 2 after printing an InputError's
-    message as one line on stderr, or 130 after a Ctrl-C that ``run`` left to its caller."""
+    message as one line on stderr, or 130 after a Ctrl-C (143 after a SIGTERM, see
+    ``on_sigterm``) that ``run`` left to its caller."""
     try:
         return run(*args)
     except InputError as error:
         print(f"error: {message(error)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("\nterminated", file=sys.stderr)
+        return Terminated.status
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@ and a 2-process gloo DDP run through torchrun."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,27 @@ def test_ctrl_c_saves_the_completed_steps(videos, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module.Trainer, "train_step", interrupted)
     assert train.main(args(videos, tmp_path, "--max-steps", "5")) == 130
     assert weights(tmp_path)["step"] == 2
+
+
+def test_sigterm_saves_like_ctrl_c_and_resume_continues(videos, tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's or timeout's) mid-run: last.pt holds the completed steps, one line
+    says so, exit status 143; --resume then goes on to the end."""
+    real = trainer_module.Trainer.train_step
+
+    def terminated(self, batch):
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batch)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert train.main(args(videos, tmp_path, "--max-steps", "5")) == 143
+    assert weights(tmp_path)["step"] == 2
+    assert "terminated (SIGTERM): saved" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before          # the handler before is back
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", real)
+    assert train.main(args(videos, tmp_path, "--resume", "--max-steps", "4")) == 0
+    assert weights(tmp_path)["step"] == 4
 
 
 def test_epoch_sampler_splits_and_resumes():
