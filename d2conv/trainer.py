@@ -219,6 +219,8 @@ class Trainer:
         self.step, self.epoch, self.best = state["step"], state["epoch"], state["best"]
         self.best_scores = state.get("best_scores")
         self.batch_in_epoch = state["batch_in_epoch"]
+        self.print(f"resumed from {path}: step {self.step}, epoch {self.epoch + 1} (batch "
+                   f"{self.batch_in_epoch} of it done)")
         # checkpoints before the world size was stored resume at their batch index
         saved = state["config"]["batch_size"] * state["world"] if "world" in state else None
         global_batch = self.cfg.batch_size * self.world

@@ -105,6 +105,8 @@ def test_sigterm_saves_like_ctrl_c_and_resume_continues(videos, tmp_path, monkey
     monkeypatch.setattr(trainer_module.Trainer, "train_step", real)
     assert train.main(args(videos, tmp_path, "--resume", "--max-steps", "4")) == 0
     assert weights(tmp_path)["step"] == 4
+    out = capsys.readouterr().out
+    assert "resumed from " in out and ": step 2, epoch 1 (batch 2 of it done)" in out
 
 
 def test_epoch_sampler_splits_and_resumes():
