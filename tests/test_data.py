@@ -222,6 +222,21 @@ def test_davis2017_root_trains_on_unsupervised_and_scores_on_davis2016_truth(tmp
     assert evaluate_results(root, tmp_path / "wrong")[0]["J-Mean"] == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("line", ["../../escape", "/JPEGImages/480p/../../x/00000.jpg "
+                                  "/Annotations/480p/x/00000.png", "..", ".", "a\\b"])
+def test_image_set_names_stay_inside_the_root(tmp_path, line):
+    """A name that would climb out of the folder it is joined to: one error naming the file,
+    the line and why."""
+    from d2conv.data.davis import read_image_set
+
+    listing = tmp_path / "val.txt"
+    listing.write_text(f"bear\n\n{line}\n")
+    with pytest.raises(BadInput, match=rf"val.txt, line 3: .*(\.\.|plain name)"):
+        read_image_set(listing)
+    listing.write_text("bear\n/JPEGImages/480p/car/00000.jpg /Annotations/480p/car/00000.png\n")
+    assert read_image_set(listing) == ["bear", "car"]
+
+
 def test_davis_root_without_image_sets(tmp_path):
     root = make_davis(tmp_path / "davis")
     shutil.rmtree(root / "ImageSets")

@@ -129,15 +129,24 @@ def image_set_file(root, split: str, year: int = 2017) -> Path:
 
 def read_image_set(path) -> list[str]:
     """Sequence names of an image-set file in order: a name a line, or the DAVIS-2016 release's
-    path pairs (the sequence is the folder holding the first path's file)."""
+    path pairs (the sequence is the folder holding the first path's file). A name must be a
+    plain folder name, so that it stays inside the root it is joined to: BadInput names the file,
+    the line and what is wrong otherwise."""
     names = []
-    for line in Path(path).read_text().splitlines():
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
-        name = Path(fields[0]).parent.name if "/" in fields[0] else fields[0]
-        if not name:
-            raise BadInput(f"{path}: cannot read a sequence from the line {line!r}")
+        where = f"{path}, line {number}"
+        if "/" in fields[0]:
+            if ".." in Path(fields[0]).parts:
+                raise BadInput(f"{where}: {fields[0]!r} leaves the DAVIS root ('..')")
+            name = Path(fields[0]).parent.name
+        else:
+            name = fields[0]
+        if name in ("", ".", "..") or "\\" in name:
+            raise BadInput(f"{where}: cannot read a sequence folder name from {line!r} (a "
+                           f"plain name: no '/', '\\', '.' or '..')")
         if name not in names:
             names.append(name)
     return names
