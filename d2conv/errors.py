@@ -1,8 +1,12 @@
-"""Errors in what a user gave: a path, a file's contents, an option.
+"""Errors in what a user gave (a path, a file's contents, an option) and how the command lines
+end on them.
 
 ``train.py`` and ``evaluate.py`` print such an error's message alone (no traceback) and exit with
 status 2; any other exception is a bug and keeps its traceback. The subclasses are also the
-built-in errors they stand for, so ``except FileNotFoundError`` catches a missing input too.
+built-in errors they stand for, so ``except FileNotFoundError`` catches a missing input too. Their
+options are parsed by ``ArgumentParser`` (an error is an InputError) with ``int_range`` and
+``positive_float`` types; ``on_sigterm`` turns SIGTERM into ``Terminated``, a Ctrl-C with exit
+status 143.
 """
 
 import argparse
