@@ -16,8 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as checkpoint_fn
 
-import kernels
-
 from .layers import DepthwiseConv3d, GroupNorm
 
 __all__ = ["FrozenBatchNorm3d", "conv_norm", "Stem", "Bottleneck", "IrCSN", "ir_csn_152", "ir_csn_50", "ir_csn_tiny",
@@ -68,9 +66,7 @@ def conv_norm(conv: nn.Conv3d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor
     scale, shift = norm.scale_shift()
     weight = conv.weight * scale.view(-1, 1, 1, 1, 1).to(conv.weight.dtype)
     bias = shift if conv.bias is None else conv.bias * scale + shift
-    if isinstance(conv, DepthwiseConv3d):
-        return kernels.depthwise_conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
-    return F.conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return conv._conv_forward(x, weight, bias)      # the conv's own op (DepthwiseConv3d: Triton)
 
 
 class Stem(nn.Module):

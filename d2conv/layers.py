@@ -272,8 +272,9 @@ class DepthwiseConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device, dtype)
 
-    def forward(self, input):
-        return kernels.depthwise_conv3d(input, self.weight, self.bias, self.stride, self.padding,
+    def _conv_forward(self, input, weight, bias):
+        # nn.Conv3d.forward calls this with the layer's own weight and bias
+        return kernels.depthwise_conv3d(input, weight, bias, self.stride, self.padding,
                                         self.dilation)
 
 
