@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import kernels
 from kernels.checks import output_size
 from records import gpu_name, merge
-from test_kernel_speed import time_case
+from test_kernel_speed import time_case, timed
 
 # name: (shape, groups, relu)
 NORM_SHAPES = {
@@ -65,14 +65,6 @@ def depthwise_fn(impl, stride):
     if impl == "triton":
         return lambda x, w: kernels.depthwise_conv3d(x, w, None, stride, 1)
     return lambda x, w: F.conv3d(x, w, None, stride, 1, groups=x.shape[1])
-
-
-def run_pass(fn, inputs, pass_):
-    if pass_ == "fwd":
-        return lambda: fn(*inputs)
-    leaves = [t.requires_grad_() for t in inputs]
-    grad_out = torch.randn_like(fn(*leaves))
-    return lambda: torch.autograd.grad(fn(*leaves), leaves, grad_out)
 
 
 def check(fn, inputs, ref_fn):
@@ -118,7 +110,7 @@ def test_group_norm_speed(benchmark, shape, layout, impl, pass_):
     x = torch.randn(size, device="cuda", dtype=torch.bfloat16).contiguous(
         memory_format=FORMATS[layout])
     w, b = torch.rand(C, device="cuda") + 0.5, torch.randn(C, device="cuda")
-    median_ms, _ = time_case(benchmark, run_pass(fn, [x, w, b], pass_), pass_)
+    median_ms, _ = time_case(benchmark, timed(fn, [x, w, b], pass_), pass_)
     passes = 3 if pass_ == "fwd" else 8
     record(dict(op="group_norm", shape=shape, size=list(size), groups=groups, relu=relu,
                 format=layout, impl=impl, dtype="bfloat16", **{"pass": pass_}),
@@ -141,7 +133,7 @@ def test_depthwise_speed(benchmark, shape, layout, impl, pass_):
     x = torch.randn(size, device="cuda", dtype=torch.bfloat16).contiguous(
         memory_format=FORMATS[layout])
     w = (torch.randn(C, 1, 3, 3, 3, device="cuda") / 27 ** 0.5).to(torch.bfloat16)
-    median_ms, _ = time_case(benchmark, run_pass(fn, [x, w], pass_), pass_)
+    median_ms, _ = time_case(benchmark, timed(fn, [x, w], pass_), pass_)
     out = output_size(size[2:], (3, 3, 3), (stride,) * 3, (1, 1, 1), (1, 1, 1))
     in_bytes, out_bytes = x.numel() * x.element_size(), x.numel() // math.prod(size[2:]) * \
         math.prod(out) * x.element_size()
