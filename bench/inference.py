@@ -9,8 +9,9 @@ it times, per decoder and gap (clip spacing; the evaluation protocol, docs/davis
 - end to end: ``evaluate.py``'s path (``d2conv.evaluation.run_model``), reading the JPEGs and
   writing the PNG masks, which overlaps both with the model on threads;
 and writes ``<gpu>-inference.json`` among the bench's records (records.py) on a GPU.
-``--ops`` names the model variants timed (profile_model.VARIANTS: ``triton``, the model as it is;
-``pytorch``, its GroupNorm and depthwise convolutions on PyTorch's kernels, as before its Triton
+``--ops`` names the model variants timed (profile_model.VARIANTS: ``triton``, the model as
+evaluate.py runs it, channels-last-3d on a GPU through ``d2conv.model.to_device``; ``pytorch``,
+its GroupNorm and depthwise convolutions on PyTorch's kernels, contiguous, as before its Triton
 ones), each with every decoder and gap.
 """
 import argparse
@@ -25,7 +26,7 @@ from d2conv.data import davis_sequences
 from d2conv.data.synthetic import generate
 from d2conv.evaluation import read_frames, run_model
 from d2conv.inference import predict_video
-from d2conv.model import EncoderDecoder
+from d2conv.model import EncoderDecoder, to_device
 from kernels import settings
 from profile_model import VARIANTS
 from records import gpu_name, write
@@ -49,14 +50,18 @@ def time_decoder(args, decoder, ops, warm, timed, decoded, root, amp, gpu):
     cuda = torch.cuda.is_available()
     height, width = map(int, args.size.split("x"))
     records = []
-    model = EncoderDecoder(args.backbone, decoder, mdim=256).to("cuda" if cuda else "cpu").eval()
+    model = EncoderDecoder(args.backbone, decoder, mdim=256)
+    channels_last = cuda and ops != "pytorch"
+    model = (to_device(model, "cuda") if channels_last else model.to("cuda" if cuda else "cpu"))
+    model.eval()
     for gap in map(int, args.gaps.split(",")):
         out = root / f"{decoder}-{ops}-{gap}"
         run_model(model, warm, out, gap=gap, clips_per_batch=args.clips_per_batch, amp_dtype=amp)
         alone = model_alone(model, decoded, gap, args.clips_per_batch, amp)
         t = run_model(model, timed, out, gap=gap, clips_per_batch=args.clips_per_batch,
                       amp_dtype=amp)
-        records.append(dict(gpu=gpu, decoder=decoder, ops=ops, gap=gap, frames=t["frames"],
+        records.append(dict(gpu=gpu, decoder=decoder, ops=ops, channels_last=channels_last,
+                            gap=gap, frames=t["frames"],
                             height=height, width=width, clips_per_batch=args.clips_per_batch,
                             model_fps=alone, end_to_end_fps=t["frames"] / t["total_s"],
                             peak_mib=t["peak_mib"] or 0, torch=torch.__version__,

@@ -2,9 +2,9 @@
 
 ir-CSN-152 with backbone checkpointing (docs/model.md), batch 2 of 8x480x864 clips, bf16
 autocast, Adam, gradient clipping (docs/training.md), with the dense 3DC-Seg decoder and with
-D²Conv3D (xyz, modulated, in rf2 and rf3); each with the model's Triton GroupNorm and depthwise
-convolutions ("triton") and with PyTorch's ("pytorch": profile_model.pytorch_ops, the model's
-computation before its Triton kernels). Records the median step time, the peak memory and the
+D²Conv3D (xyz, modulated, in rf2 and rf3); each as the trainer runs it ("triton": the model's
+Triton GroupNorm and depthwise convolutions, channels-last-3d through ``d2conv.model.to_device``)
+and as it ran before those kernels ("pytorch": profile_model.pytorch_ops, contiguous). Records the median step time, the peak memory and the
 parameter counts in <gpu>-model.json among the bench's records (records.py).
 """
 import contextlib
@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from d2conv.model import EncoderDecoder
+from d2conv.model import EncoderDecoder, to_device
 from kernels import settings
 from profile_model import pytorch_ops, training_step
 from records import gpu_name, merge
@@ -41,7 +41,8 @@ def test_train_step(benchmark, decoder_conv, ops):
 
 def train_step(benchmark, decoder_conv, ops):
     torch.manual_seed(0)
-    model = EncoderDecoder("ir_csn_152", decoder_conv, checkpoint=True).cuda().train()
+    model = EncoderDecoder("ir_csn_152", decoder_conv, checkpoint=True)
+    model = (model.cuda() if ops == "pytorch" else to_device(model, "cuda")).train()
     one_step = training_step(model)
 
     def step():
@@ -56,7 +57,8 @@ def train_step(benchmark, decoder_conv, ops):
     loss = benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
     assert torch.isfinite(loss)
     params = sum(p.numel() for p in model.parameters())
-    entry = dict(decoder_conv=decoder_conv, ops=ops, batch=2, clip="8x480x864",
+    entry = dict(decoder_conv=decoder_conv, ops=ops, channels_last=ops != "pytorch",
+                 batch=2, clip="8x480x864",
                  dtype="bfloat16-autocast",
                  median_ms=benchmark.stats.stats.median * 1e3,
                  peak_mib=torch.cuda.max_memory_allocated() / 2**20, params=params,
