@@ -22,9 +22,11 @@ import torch
 from PIL import Image
 
 import kernels
-from d2conv.config import build_model, from_dict, load_checkpoint
+from d2conv.checkpoints import load_checkpoint, load_weights
+from d2conv.config import build_model, from_dict
 from d2conv.data import check_files, dataset_root, load_mask
-from d2conv.errors import ArgumentParser, InputError, MissingInput, exit_status, int_range
+from d2conv.errors import (ArgumentParser, BadInput, InputError, MissingInput, exit_status,
+                           int_range)
 from d2conv.evaluation import (evaluate_results, format_tables, protocol_sequences, run_model,
                                summary)
 from d2conv.metrics import mae, max_f_measure, write_csvs
@@ -78,9 +80,11 @@ def newest_checkpoint(runs=Path("runs")):
 def load_model(path, device):
     """(model in eval mode on ``device``, the checkpoint's TrainConfig, the checkpoint)."""
     state = load_checkpoint(path)
-    cfg = from_dict(state["config"])
-    model = build_model(cfg)
-    model.load_state_dict(state["model"])
+    try:
+        cfg = from_dict(state["config"])
+    except (TypeError, ValueError) as error:
+        raise BadInput(f"{path}: its config is not this version's: {error}") from None
+    model = load_weights(build_model(cfg), state["model"], path)
     return to_device(model, device).eval(), cfg, state
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from d2conv.config import DESCRIPTIONS, PRESETS, load_checkpoint, make_config
-from d2conv.errors import (ArgumentParser, InputError, MissingInput, Terminated, exit_status,
+from d2conv.checkpoints import load_checkpoint
+from d2conv.config import CHOICES, DESCRIPTIONS, FIELDS, PRESETS, make_config
+from d2conv.errors import (ArgumentParser, BadInput, InputError, MissingInput, Terminated, exit_status,
                            int_range, on_sigterm, positive_float)
 from d2conv.model import DECODER_CONVS
 from d2conv.trainer import NonFiniteLoss, Trainer, minutes, scores_line
@@ -57,9 +58,9 @@ def parse_args(argv=None):
                    help="clips per process (global batch = this x GPUs)")
     p.add_argument("--lr", type=positive_float,
                    help="learning rate (paper: 1e-5 with a pretrained backbone)")
-    p.add_argument("--loss", choices=["lovasz", "bce", "bce+lovasz"], help="training loss")
-    p.add_argument("--optimizer", choices=["adam", "adamw"], help="optimizer")
-    p.add_argument("--scheduler", choices=["step", "cosine"], help="learning-rate schedule")
+    p.add_argument("--loss", choices=CHOICES["loss"], help="training loss")
+    p.add_argument("--optimizer", choices=CHOICES["optimizer"], help="optimizer")
+    p.add_argument("--scheduler", choices=CHOICES["scheduler"], help="learning-rate schedule")
     p.add_argument("--augment", dest="augment", action="store_true", default=None,
                    help="flips and scale jitter (off in the paper preset, as in the original)")
     p.add_argument("--no-augment", dest="augment", action="store_false",
@@ -96,12 +97,17 @@ def config(args):
     if args.resume:
         if not args.run_dir:
             raise InputError("--resume needs --run-dir")
-        saved = load_checkpoint(Path(args.run_dir) / "last.pt")["config"]
-        preset = args.preset or saved.pop("preset")
+        last = Path(args.run_dir) / "last.pt"
+        saved = load_checkpoint(last)["config"]
+        preset = args.preset or saved.pop("preset", None)
         saved.pop("preset", None)
         saved["run_dir"] = args.run_dir         # the folder resumed from, also when moved or copied
-        return make_config(preset, **{**saved, **{k: v for k, v in overrides.items()
-                                                  if v is not None}}), None
+        saved = {k: v for k, v in saved.items() if k in FIELDS}    # an older version's dropped
+        try:
+            return make_config(preset, **{**saved, **{k: v for k, v in overrides.items()
+                                                      if v is not None}}), None
+        except (TypeError, ValueError) as error:
+            raise BadInput(f"{last}: its config is not this version's: {error}") from None
     preset, why = ((args.preset, None) if args.preset else default_preset(args.backbone_weights))
     decoder = args.decoder_conv or "d2conv-xyz"
     run_dir = args.run_dir or f"runs/{preset}-{decoder}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -113,6 +119,9 @@ def announce(cfg, why):
     pretrained weights."""
     chosen = f" (the default with {why})" if why else ""
     what, took = DESCRIPTIONS[cfg.preset]
+    if cfg.preset == "paper" and cfg.data == "synthetic":
+        what = ("ON THE SYNTHETIC VIDEOS, not DAVIS: no --data was given (the paper's recipe "
+                "trains ir-CSN-152 on DAVIS-2017 train: --data /path/to/DAVIS)")
     print(f"preset {cfg.preset}{chosen}: {what}, decoder {cfg.decoder_conv}, {cfg.epochs} epochs"
           f"{f' (at most {cfg.max_steps} steps)' if cfg.max_steps else ''} -> {cfg.run_dir}")
     print(f"how long: the preset's {PRESETS[cfg.preset]['epochs']} epochs took {took}",

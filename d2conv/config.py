@@ -10,16 +10,13 @@ Presets:
 - ``paper``: the paper's recipe (docs/training.md): ir-CSN-152 from the VMZ weights, fine-tuned
   at lr 1e-5 on DAVIS-2017 train and validated on DAVIS-2016 val.
 """
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import MISSING, dataclass, field, fields
 
-import torch
+from .backbones import BACKBONES
+from .model import DECODER_CONVS, EncoderDecoder
 
-from .errors import BadInput, MissingInput
-from .model import EncoderDecoder
-
-__all__ = ["TrainConfig", "PRESETS", "DESCRIPTIONS", "make_config", "from_dict", "build_model",
-           "load_checkpoint"]
+__all__ = ["TrainConfig", "FIELDS", "PRESETS", "DESCRIPTIONS", "CHOICES", "make_config", "from_dict",
+           "build_model"]
 
 
 @dataclass
@@ -102,6 +99,12 @@ DESCRIPTIONS = {
 }
 
 
+# the fields that name one of a fixed set of things
+CHOICES = dict(preset=tuple(PRESETS), backbone=tuple(BACKBONES), decoder_conv=DECODER_CONVS,
+               loss=("lovasz", "bce", "bce+lovasz"), optimizer=("adam", "adamw"),
+               scheduler=("step", "cosine"))
+
+
 def make_config(preset, **overrides):
     """The preset's config with ``overrides`` (None values ignored)."""
     if preset not in PRESETS:
@@ -110,13 +113,32 @@ def make_config(preset, **overrides):
     unknown = set(values) - FIELDS
     if unknown:
         raise ValueError(f"unknown config options: {sorted(unknown)}")
-    return TrainConfig(preset=preset, **values)
+    return checked(TrainConfig(preset=preset, **values))
 
 
 def from_dict(values: dict) -> TrainConfig:
     """A checkpoint's config dict as a TrainConfig (fields it lacks, from an older checkpoint,
-    take their defaults; fields this version no longer has are dropped)."""
-    return TrainConfig(**{k: v for k, v in values.items() if k in FIELDS})
+    take their defaults; fields this version no longer has are dropped); ValueError naming the
+    first field of the wrong type or outside its CHOICES."""
+    return checked(TrainConfig(**{k: v for k, v in values.items() if k in FIELDS}))
+
+
+def checked(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` once each field has its default's type (an int where a float goes; a list where a
+    tuple goes becomes one) and each CHOICES field is one of its choices; ValueError otherwise."""
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        kind = type(f.default_factory() if f.default is MISSING else f.default)
+        if kind is tuple and isinstance(value, list):
+            value = tuple(value)
+            setattr(cfg, f.name, value)
+        fits = (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+                or kind is float and isinstance(value, int) and not isinstance(value, bool))
+        if not fits:
+            raise ValueError(f"{f.name} must be a {kind.__name__}, got {value!r}")
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise ValueError(f"{f.name} must be one of {list(CHOICES[f.name])}, got {value!r}")
+    return cfg
 
 
 def build_model(cfg):
@@ -128,18 +150,3 @@ def build_model(cfg):
     return EncoderDecoder(cfg.backbone, cfg.decoder_conv, mdim=cfg.mdim,
                           checkpoint=cfg.checkpoint, decoder_norm=cfg.decoder_norm,
                           fg_prior=cfg.fg_prior or None)
-
-
-def load_checkpoint(path) -> dict:
-    """A trainer checkpoint's contents (tensors on the CPU); MissingInput / BadInput naming the
-    file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInput(f"no checkpoint {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise BadInput(f"cannot read the checkpoint {path}: {error}") from error
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise BadInput(f"{path} is not a trainer checkpoint (no 'model' and 'config')")
-    return state

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Sampler
 
 import kernels
 
-from .config import build_model, load_checkpoint
+from .checkpoints import load_checkpoint, load_weights
+from .config import build_model
 from .data import ClipDataset, check_files, dataset_root, split_sequences
 from .errors import InputError
 from .evaluation import validate
@@ -92,13 +93,18 @@ def save_atomic(obj, path):
 
 
 def rng_state():
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+    """Every RNG's state in types ``torch.load(weights_only=True)`` reads (numpy's key as a list)."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    return dict(python=random.getstate(),
+                numpy=(name, key.tolist(), int(pos), int(has_gauss), float(cached)),
+                torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, cached = state["numpy"]      # key: a list, or an older array
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available():   # a checkpoint from a host with more GPUs sets those present
         for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
@@ -212,7 +218,7 @@ class Trainer:
     def resume(self, path=None):
         path = Path(path or self.run_dir / "last.pt")
         state = load_checkpoint(path)
-        self.model.load_state_dict(state["model"])
+        load_weights(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])

@@ -10,7 +10,9 @@ kernel is (C, 1, 3, 3, 3)). Blocks are numbered 0, 1, ... across all stages:
     last_out_L400_{w,b}                                          Kinetics classifier (unused)
 
 BN suffixes s, b, rm, riv are weight, bias, running mean, running variance. Every other blob is
-used exactly once. Convert once with
+used exactly once. The pickle is read by ``CaffeBlobUnpickler``, which resolves only what such a
+file holds (numpy arrays, dtypes and scalars), so a pickle naming anything else is refused before
+any of it runs. Convert once with
 
     python -m d2conv.weights convert irCSN_152_...pkl weights/ir_csn_152.pt --depth 152
 """
@@ -24,9 +26,11 @@ import numpy as np
 import torch
 
 from d2conv.backbones import BACKBONES, IrCSN
+from d2conv.checkpoints import load_weights, numpy_multiarray
+from d2conv.errors import BadInput, MissingInput
 
-__all__ = ["DEPTHS", "UNUSED_PREFIX", "blob_map", "convert", "load_caffe2_pickle",
-           "load_backbone_weights", "main"]
+__all__ = ["DEPTHS", "UNUSED_PREFIX", "blob_map", "convert", "CaffeBlobUnpickler",
+           "load_caffe2_pickle", "load_backbone_weights", "main"]
 
 DEPTHS = ("152", "50")                  # the ir-CSNs of the VMZ model zoo: ir_csn_<depth>
 UNUSED_PREFIX = "last_out_L400_"        # the classifier: allowed to be left over
@@ -81,30 +85,73 @@ def convert(blobs: dict, model: IrCSN) -> dict:
     return state
 
 
+class CaffeBlobUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals a Caffe2 blob file holds besides plain
+    containers, strings and numbers: numpy's array and scalar reconstruction, ``ndarray``, its
+    dtypes, and ``_codecs.encode`` (which Python 3's protocol-2 pickles use to write bytes).
+    Any other global raises UnpicklingError naming it, before anything is called."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            if module.endswith("multiarray"):          # written by numpy 1 or numpy 2
+                return getattr(numpy_multiarray, name)
+            return super().find_class(module, name)
+        if module == "numpy.dtypes" and name.endswith("DType"):    # numpy 2's dtype classes
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it asks for '{module}.{name}', which a Caffe2 blob file "
+                                     f"never holds and which could run code")
+
+
 def load_caffe2_pickle(path) -> dict:
-    """Read a VMZ pickle: ``pickle.load(f, encoding="latin1")["blobs"]`` -> {name: array}."""
+    """Read a VMZ pickle with ``CaffeBlobUnpickler`` (latin1 strings) -> {name: array};
+    MissingInput / BadInput naming the file otherwise."""
+    where = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
+            data = CaffeBlobUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise MissingInput(f"no weights file {where}") from None
     except OSError as e:
-        raise FileNotFoundError(f"cannot read weights file {os.fspath(path)!r}: {e}") from e
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as e:
-        raise ValueError(f"{os.fspath(path)!r} is not a readable Caffe2 pickle: {e}") from e
+        raise MissingInput(f"cannot read the weights file {where}: {e.strerror}") from None
+    except pickle.UnpicklingError as e:
+        raise BadInput(f"{where} is refused: {e}; nothing in it ran") from None
+    except Exception as e:                          # truncated or not a pickle at all
+        raise BadInput(f"{where} is not a readable Caffe2 pickle ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
     if not isinstance(data, dict) or not isinstance(data.get("blobs"), dict):
-        raise ValueError(f"{os.fspath(path)!r} has no 'blobs' dict (is it a VMZ Caffe2 pickle?)")
+        raise BadInput(f"{where} has no 'blobs' dict (is it a VMZ Caffe2 pickle?)")
     return data["blobs"]
 
 
 def load_backbone_weights(model: IrCSN, path) -> IrCSN:
-    """Load a Caffe2 pickle or a converted ``torch.save``d state dict into ``model`` strictly."""
+    """Load a Caffe2 pickle or a converted ``torch.save``d state dict into ``model`` strictly;
+    MissingInput / BadInput naming the file otherwise (a trainer checkpoint, another model's
+    weights, a file that is neither)."""
+    where = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"backbone weights file {os.fspath(path)!r} not found")
+        raise MissingInput(f"no backbone weights file {where}")
     if zipfile.is_zipfile(path):                      # torch.save's format
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInput(f"{where} is not a converted backbone state dict: {first}") from None
+        if isinstance(state, dict) and "model" in state and "config" in state:
+            raise BadInput(f"{where} is a trainer checkpoint, not backbone weights: evaluate it "
+                           f"with evaluate.py --checkpoint, or go on with train.py --resume")
     else:
-        state = convert(load_caffe2_pickle(path), model)
-    model.load_state_dict(state, strict=True)
-    return model
+        try:
+            blobs = load_caffe2_pickle(path)
+            state = convert(blobs, model)
+        except BadInput:
+            raise
+        except ValueError as e:
+            raise BadInput(f"{where}: {e}") from None
+    return load_weights(model, state, where)
 
 
 def _convert_command(args) -> None:
@@ -141,7 +188,7 @@ def main(argv=None) -> None:
     try:
         _convert_command(args)
     except (OSError, ValueError) as e:
-        parser.exit(1, f"error: {e}\n")
+        parser.exit(2, f"error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 import evaluate
 import train
 from d2conv import trainer as trainer_module
+from d2conv.checkpoints import load_checkpoint
 from d2conv.config import make_config
 from d2conv.data.synthetic import generate
 from d2conv.trainer import EpochSampler
@@ -38,7 +39,8 @@ def args(videos, run_dir, *extra):
 
 
 def weights(run_dir):
-    return torch.load(Path(run_dir) / "last.pt", weights_only=False)
+    """The run's last.pt, read as the tools read it (plain values and tensors only)."""
+    return load_checkpoint(Path(run_dir) / "last.pt")
 
 
 def test_resume_equals_an_uninterrupted_run(videos, tmp_path, monkeypatch):
@@ -257,8 +259,15 @@ def test_default_preset_and_the_paper_warning(monkeypatch, capsys):
     assert "preset small (the default with a GPU" in out.out and "--preset paper" in out.out
     assert out.err == ""
     train.announce(make_config("paper", run_dir="runs/x"), None)
-    err = capsys.readouterr().err
-    assert "WARNING" in err and "RANDOM weights" in err and "--backbone-weights" in err
+    out = capsys.readouterr()
+    assert "WARNING" in out.err and "RANDOM weights" in out.err and "--backbone-weights" in out.err
+    first = out.out.splitlines()[0]           # without --data the first line says what it trains on
+    assert first.startswith("preset paper: ON THE SYNTHETIC VIDEOS, not DAVIS") and "--data" in first
+    train.announce(make_config("paper", data="/data/DAVIS", run_dir="runs/x",
+                               backbone_weights="w.pt"), None)
+    out = capsys.readouterr()
+    assert "DAVIS-2017 train" in out.out.splitlines()[0] and "SYNTHETIC" not in out.out
+    assert out.err == ""
 
 
 def test_paper_preset_is_the_original_recipe(videos, tmp_path):
