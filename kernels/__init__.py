@@ -37,15 +37,16 @@ def _autocast(*tensors):
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
-def _run(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode):
+def _run(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode, spatial=3):
     input, coords, weight, bias, mask = _autocast(input, coords, weight, bias, mask)
+    geo = check_args(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode,
+                     spatial)
     if not _use_triton(input):
         if mode in OFFSET_AXES:
             return naive.deform_conv3d(input, coords, weight, bias, stride, padding, dilation,
                                        mask, groups, mode)
         return naive.d2conv3d(input, coords, weight, bias, stride, padding, dilation, mask,
                               groups, mode)
-    geo = check_args(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode)
     if input.device.type == "meta" or torch.compiler.is_compiling():
         return torch.ops.d2conv.conv3d(input, coords, weight, bias, mask, list(geo.stride),
                                        list(geo.padding), list(geo.dilation), groups, mode)
@@ -95,6 +96,16 @@ def _pair(value, name, first):
     return (first, *ntuple(value, name, 2))
 
 
+def _as_input_format(out, input):
+    """A 2D call's output in its input's memory format, as PyTorch's conv2d returns it: the 3D
+    ops write channels-last, which a contiguous input's caller does not expect (``out.view``
+    fails on it)."""
+    channels_last = (input.is_contiguous(memory_format=torch.channels_last)
+                     and not input.is_contiguous())
+    return out.contiguous(memory_format=torch.channels_last if channels_last
+                          else torch.contiguous_format)
+
+
 def _as_3d(**tensors):
     """The 4-D tensors of a 2D call as 5-D views with one frame (T = 1); None stays None."""
     views = []
@@ -117,7 +128,8 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
             k = i*kw + j; G, the offset groups, is inferred from the channel count
     mask:   (N, G*K, Ho, Wo) or None, channel g*K + k
     stride, padding, dilation: int or (h, w)
-    return: (N, Co, Ho, Wo) (channels_last memory format on the Triton path)
+    return: (N, Co, Ho, Wo), in the input's memory format (contiguous for a contiguous input,
+            as torchvision's)
 
     Kernel point (i, j) of output pixel (h, w) samples input channel c (offset group g) at
     (h*sh - ph + i*dh, w*sw - pw + j*dw) + offset[g, k] by bilinear interpolation with zeros
@@ -130,8 +142,8 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
     groups = input.shape[1] // weight.shape[1]
     out = _run(input5, offset5, weight5, bias, _pair(stride, "stride", 1),
                _pair(padding, "padding", 0), _pair(dilation, "dilation", 1), mask5, groups,
-               "offset_yx")
-    return out.squeeze(2)
+               "offset_yx", spatial=2)
+    return _as_input_format(out.squeeze(2), input)
 
 
 def d2conv2d(input, size, weight, bias=None, stride=1, padding=0, dilation=1, mask=None, groups=1,
@@ -142,7 +154,7 @@ def d2conv2d(input, size, weight, bias=None, stride=1, padding=0, dilation=1, ma
     size:   (N, G*c, Ho, Wo), channel g*c + a, positive scales: mode "x" one per offset group
             (c = 1, both axes), "xy" one per axis (c = 2: y, x)
     mask:   (N, G*K, Ho, Wo) or None; stride, padding, dilation: int or (h, w)
-    return: (N, Co, Ho, Wo)
+    return: (N, Co, Ho, Wo), in the input's memory format
 
     Equals ``deform_conv2d`` on the offsets (index - kernel centre) * dilation * (s - 1) per axis,
     which are never materialised.
@@ -151,8 +163,9 @@ def d2conv2d(input, size, weight, bias=None, stride=1, padding=0, dilation=1, ma
         raise ValueError(f"mode must be 'x' or 'xy' in 2D, got {mode!r}")
     input5, size5, weight5, mask5 = _as_3d(input=input, size=size, weight=weight, mask=mask)
     out = _run(input5, size5, weight5, bias, _pair(stride, "stride", 1),
-               _pair(padding, "padding", 0), _pair(dilation, "dilation", 1), mask5, groups, mode)
-    return out.squeeze(2)
+               _pair(padding, "padding", 0), _pair(dilation, "dilation", 1), mask5, groups, mode,
+               spatial=2)
+    return _as_input_format(out.squeeze(2), input)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, relu=False):

@@ -32,18 +32,31 @@ def triple(value, name):
     return ntuple(value, name, 3)
 
 
-def conv_triples(stride, padding, dilation):
+def conv_triples(stride, padding, dilation, spatial=3):
     """(stride, padding, dilation) as (t, h, w) triples, each checked: positive stride and
-    dilation, non-negative padding."""
+    dilation, non-negative padding. ``spatial``: as in check_args."""
     stride, padding, dilation = (triple(stride, "stride"), triple(padding, "padding"),
                                  triple(dilation, "dilation"))
+    axes = _axes(spatial)
     if min(stride) < 1:
-        raise ValueError(f"stride must be positive, got {stride}")
+        raise ValueError(f"stride must be positive, got {axes(stride)}")
     if min(dilation) < 1:
-        raise ValueError(f"dilation must be positive, got {dilation}")
+        raise ValueError(f"dilation must be positive, got {axes(dilation)}")
     if min(padding) < 0:
-        raise ValueError(f"padding must be non-negative, got {padding}")
+        raise ValueError(f"padding must be non-negative, got {axes(padding)}")
     return stride, padding, dilation
+
+
+def _axes(spatial):
+    """How a message shows an axis triple (t, h, w): whole for a 3D call; (h, w) for a 2D call,
+    which runs at T = 1."""
+    return tuple if spatial == 3 else lambda triple: tuple(triple)[1:]
+
+
+def _shape(spatial):
+    """How a message shows a 5-D shape (N, C, T, H, W): whole for a 3D call, (N, C, H, W) for a
+    2D call."""
+    return tuple if spatial == 3 else lambda shape: tuple(shape)[:2] + tuple(shape)[3:]
 
 
 @dataclass(frozen=True)
@@ -89,11 +102,13 @@ def _check_tensor(t, name, ndim, ref):
             raise ValueError(f"{name} has dtype {t.dtype} but input has dtype {ref.dtype}")
 
 
-def check_args(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode):
+def check_args(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode,
+               spatial=3):
     """Validate a call and return its ConvGeometry.
 
     ``coords`` is the offset tensor in a free-offset mode (OFFSET_AXES), else the size map of
-    that D²Conv mode.
+    that D²Conv mode. ``spatial`` = 2: the 5-D tensors are views of a 2D call's (T = 1), and
+    messages show its shapes and (h, w) pairs.
     """
     coords_name = "offset" if mode in OFFSET_AXES else "size"
     if mode not in OFFSET_AXES and mode not in SIZE_CHANNELS:
@@ -107,7 +122,8 @@ def check_args(input, coords, weight, bias, stride, padding, dilation, mask, gro
         _check_tensor(bias, "bias", 1, input)
     if mask is not None:
         _check_tensor(mask, "mask", 5, input)
-    stride, padding, dilation = conv_triples(stride, padding, dilation)
+    stride, padding, dilation = conv_triples(stride, padding, dilation, spatial)
+    axes, shape = _axes(spatial), _shape(spatial)
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
 
@@ -121,14 +137,16 @@ def check_args(input, coords, weight, bias, stride, padding, dilation, mask, gro
         raise ValueError(f"weight expects {Cg} input channels per group, input gives "
                          f"{C} channels / groups={groups} = {C // groups}")
     if min(kd, kh, kw) < 1:
-        raise ValueError(f"weight has an empty kernel {tuple(weight.shape[2:])}")
+        raise ValueError(f"weight has an empty kernel {axes(weight.shape[2:])}")
     if bias is not None and bias.shape[0] != Co:
         raise ValueError(f"bias has {bias.shape[0]} elements, weight has {Co} output channels")
     out = output_size((T, H, W), (kd, kh, kw), stride, padding, dilation)
     if min(out) < 1:
-        raise ValueError(f"input spatial size {(T, H, W)} is too small for kernel {(kd, kh, kw)} "
-                         f"with padding {padding} and dilation {dilation}")
+        raise ValueError(f"input spatial size {axes((T, H, W))} is too small for kernel "
+                         f"{axes((kd, kh, kw))} with padding {axes(padding)} and dilation "
+                         f"{axes(dilation)}")
     K = kd * kh * kw
+    dims = "output T, H, W" if spatial == 3 else "output H, W"
 
     if mode in OFFSET_AXES:
         per_group = OFFSET_COMPONENTS[mode] * K
@@ -145,13 +163,13 @@ def check_args(input, coords, weight, bias, stride, padding, dilation, mask, gro
                          f"the {C} input channels")
     expected = (N, coords.shape[1]) + out
     if tuple(coords.shape) != expected:
-        raise ValueError(f"{coords_name} has shape {tuple(coords.shape)}, expected {expected} "
-                         f"(batch, channels, output T, H, W)")
+        raise ValueError(f"{coords_name} has shape {shape(coords.shape)}, expected "
+                         f"{shape(expected)} (batch, channels, {dims})")
     if mask is not None:
         expected = (N, G * K) + out
         if tuple(mask.shape) != expected:
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {expected} "
-                             f"(batch, offset groups x kernel points, output T, H, W)")
+            raise ValueError(f"mask has shape {shape(mask.shape)}, expected {shape(expected)} "
+                             f"(batch, offset groups x kernel points, {dims})")
     return ConvGeometry(N, C, T, H, W, Co, (kd, kh, kw), stride, padding, dilation, groups, G, out)
 
 

@@ -5,6 +5,8 @@ shape), equality with the 3D operators at T = 1, errors that name the bad argume
 torchvision is installed (the GPU machine), torchvision's own op."""
 import math
 
+import re
+
 import pytest
 import torch
 
@@ -208,21 +210,44 @@ def test_meta_tensors_give_the_output_shape():
     assert kernels.d2conv2d(x, size, w, padding=1).shape == (2, 4, 9, 11)
 
 
-@pytest.mark.parametrize("change, name", [
-    (dict(input=torch.zeros(1, 4, 2, 6, 6)), "input"),
-    (dict(offset=torch.zeros(1, 17, 6, 6)), "offset"),
-    (dict(offset=torch.zeros(1, 18, 5, 6)), "offset"),
-    (dict(mask=torch.zeros(1, 8, 6, 6)), "mask"),
+@pytest.mark.parametrize("change, message", [
+    (dict(input=torch.zeros(1, 4, 2, 6, 6)), "input must be a 4-D tensor (2D call), got (1, 4, 2"),
+    (dict(offset=torch.zeros(1, 17, 6, 6)), "offset has 17 channels"),
+    (dict(offset=torch.zeros(1, 18, 5, 6)),
+     "offset has shape (1, 18, 5, 6), expected (1, 18, 6, 6) (batch, channels, output H, W)"),
+    (dict(mask=torch.zeros(1, 8, 6, 6)), "mask has shape (1, 8, 6, 6), expected (1, 9, 6, 6)"),
     (dict(weight=torch.zeros(4, 3, 3, 3)), "weight"),
     (dict(stride=(1, 1, 1)), "stride"),
+    (dict(stride=(0, 1)), "stride must be positive, got (0, 1)"),
+    (dict(input=torch.zeros(1, 4, 1, 1), padding=0),
+     "input spatial size (1, 1) is too small for kernel (3, 3) with padding (0, 0)"),
 ])
-def test_bad_input_is_named(change, name):
+def test_bad_input_is_named_in_the_2d_calls_terms(change, message):
     args = dict(input=torch.zeros(1, 4, 6, 6), offset=torch.zeros(1, 18, 6, 6),
                 weight=torch.zeros(4, 4, 3, 3), bias=None, stride=1, padding=1, dilation=1,
                 mask=torch.zeros(1, 9, 6, 6))
     args.update(change)
-    with pytest.raises(ValueError, match=name):
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(ValueError, match=re.escape(message)):
         kernels.deform_conv2d(**args)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_output_is_in_the_inputs_memory_format(channels_last):
+    """As torchvision's and PyTorch's conv2d: a contiguous input gives a contiguous output (so
+    ``out.view`` works), a channels-last input a channels-last one."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 7, device=DEVICE)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(4, 4, 3, 3, device=DEVICE)
+    outs = [kernels.deform_conv2d(x, torch.randn(2, 18, 6, 7, device=DEVICE), w, padding=1),
+            kernels.d2conv2d(x, torch.rand(2, 2, 6, 7, device=DEVICE) + 0.5, w, padding=1)]
+    for out in outs:
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last
+                                 else torch.contiguous_format)
+        if not channels_last:
+            out.view(2, -1)
 
 
 def test_d2conv2d_bad_mode_is_named():
