@@ -149,25 +149,38 @@ def evaluate_results(davis_root, results, split="val", task="unsupervised"):
     return global_row, rows, per_sequence
 
 
-def colormap(values, low=DILATION_RANGE[0], high=DILATION_RANGE[1]):
-    """Scale map (H, W) -> uint8 RGB (H, W, 3) on a log scale: blue (narrowed, s <= low)
-    through green (s = 1, the plain grid) to red (widened, s >= high)."""
-    t = np.clip((np.log(values) - np.log(low)) / (np.log(high) - np.log(low)), 0, 1)
+def scale_position(values, low=DILATION_RANGE[0], high=DILATION_RANGE[1]):
+    """Where a scale s falls on the colour map, in [0, 1]: log-linear from ``low`` (0) to 1
+    (0.5, the middle) and from 1 to ``high`` (1), so the plain grid is the middle whatever the
+    range."""
+    log = np.log(np.asarray(values, dtype=np.float64))
+    return np.clip(np.where(log < 0, 0.5 - 0.5 * log / math.log(low),
+                            0.5 + 0.5 * log / math.log(high)), 0, 1)
+
+
+def position_scale(t, low=DILATION_RANGE[0], high=DILATION_RANGE[1]):
+    """The scale at position ``t`` of the colour map (the inverse of ``scale_position``)."""
+    t = np.asarray(t, dtype=np.float64)
+    return np.exp(np.where(t < 0.5, (1 - 2 * t) * math.log(low), (2 * t - 1) * math.log(high)))
+
+
+def colormap(values):
+    """Scale map (H, W) -> uint8 RGB (H, W, 3): blue (narrowed, s <= 0.5) through pure green
+    (s = 1, the plain grid) to red (widened, s >= 3), log-linear on each side of 1."""
+    t = scale_position(values)
     rgb = np.stack([np.clip(2 * t - 1, 0, 1), 1 - np.abs(2 * t - 1), np.clip(1 - 2 * t, 0, 1)], -1)
     return (rgb * 255).astype(np.uint8)
 
 
 def write_dilation_legend(path, ticks=(0.5, 0.75, 1, 1.5, 2, 3)):
     """A colour bar of ``colormap`` with its scale values, as a PNG."""
-    low, high = DILATION_RANGE
     width, bar, margin = 360, 24, 14
-    values = np.exp(np.linspace(math.log(low), math.log(high), width))
+    values = position_scale(np.linspace(0, 1, width))
     image = Image.new("RGB", (width + 2 * margin, bar + 44), "white")
     image.paste(Image.fromarray(np.repeat(colormap(values)[None], bar, 0)), (margin, 4))
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
     for v in ticks:
-        x = margin + round((math.log(v) - math.log(low)) / (math.log(high) - math.log(low))
-                           * (width - 1))
+        x = margin + round(float(scale_position(v)) * (width - 1))
         draw.line([(x, bar + 4), (x, bar + 9)], fill="black")
         label = f"{v:g}"
         draw.text((x - draw.textlength(label, font=font) / 2, bar + 11), label, fill="black",

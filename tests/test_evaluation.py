@@ -12,7 +12,8 @@ import evaluate
 from d2conv.config import build_model, make_config
 from d2conv.data import davis_sequences, load_mask
 from d2conv.data.synthetic import generate
-from d2conv.evaluation import evaluate_results, read_prediction, run_model, write_mask
+from d2conv.evaluation import (colormap, evaluate_results, position_scale, read_prediction,
+                               run_model, scale_position, write_mask)
 from d2conv.inference import clip_starts, predict_video
 from d2conv.model import EncoderDecoder
 from helpers import one_line_error
@@ -55,6 +56,16 @@ def test_each_frame_averages_exactly_the_clips_covering_it(N, gap):
         expected = i + np.mean(covering)
         assert torch.allclose(logits[i], torch.tensor(expected, dtype=torch.float32)), i
     assert starts[0] == 0 and starts[-1] == max(0, N - 8)
+
+
+def test_dilation_colours_pure_green_at_the_plain_grid():
+    rgb = colormap(np.array([[0.5, 1.0, 3.0, 0.25, 9.0]]))[0].tolist()
+    assert rgb == [[0, 0, 255], [0, 255, 0], [255, 0, 0], [0, 0, 255], [255, 0, 0]]
+    narrowed, widened = colormap(np.array([[0.9, 1.1]]))[0]
+    assert narrowed[2] > 0 == narrowed[0] and widened[0] > 0 == widened[2]
+    t = np.linspace(0, 1, 11)
+    np.testing.assert_allclose(scale_position(position_scale(t)), t, atol=1e-12)
+    assert scale_position(1.0) == 0.5
 
 
 def test_prediction_formats(tmp_path):
