@@ -13,7 +13,8 @@ import torch
 
 # ops registers torch.ops.d2conv.* (Triton is imported on first use)
 from . import naive, ops, settings
-from .checks import OFFSET_AXES, SIZE_CHANNELS, check_args, check_depthwise, check_group_norm, ntuple
+from .checks import (OFFSET_AXES, SIZE_CHANNELS, check_depthwise, check_group_norm,
+                     checked_geometry, ntuple)
 from .naive import offsets_from_size
 from .settings import set_autotune
 
@@ -29,6 +30,12 @@ def _use_triton(input):
     return input.is_cuda or input.device.type == "meta" or settings.interpreting()
 
 
+def _traced(input):
+    """Whether a Triton-path call takes the custom op (meta tensors, whose fake implementation
+    gives the output's shape; torch.compile) rather than the eager ``ops.Conv3dFunction``."""
+    return input.device.type == "meta" or torch.compiler.is_compiling()
+
+
 def _autocast(*tensors):
     device = tensors[0].device.type
     if device not in ("cuda", "cpu") or not torch.is_autocast_enabled(device):
@@ -39,15 +46,15 @@ def _autocast(*tensors):
 
 def _run(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode, spatial=3):
     input, coords, weight, bias, mask = _autocast(input, coords, weight, bias, mask)
-    geo = check_args(input, coords, weight, bias, stride, padding, dilation, mask, groups, mode,
-                     spatial)
+    geo = checked_geometry(input, coords, weight, bias, stride, padding, dilation, mask, groups,
+                           mode, spatial)
     if not _use_triton(input):
         if mode in OFFSET_AXES:
             return naive.deform_conv3d(input, coords, weight, bias, stride, padding, dilation,
                                        mask, groups, mode)
         return naive.d2conv3d(input, coords, weight, bias, stride, padding, dilation, mask,
                               groups, mode)
-    if input.device.type == "meta" or torch.compiler.is_compiling():
+    if _traced(input):
         return torch.ops.d2conv.conv3d(input, coords, weight, bias, mask, list(geo.stride),
                                        list(geo.padding), list(geo.dilation), groups, mode)
     return ops.Conv3dFunction.apply(input, coords, weight, bias, mask, geo, mode)
@@ -185,7 +192,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, relu=False):
         return naive.group_norm(input, num_groups, weight, bias, eps, relu)
     check_group_norm(input, num_groups, weight, bias, eps)
     eps = float(eps)
-    if input.device.type == "meta" or torch.compiler.is_compiling():
+    if _traced(input):
         return torch.ops.d2conv.group_norm(input, num_groups, weight, bias, eps, relu)[0]
     return ops.GroupNormFunction.apply(input, weight, bias, num_groups, eps, relu)
 
@@ -203,7 +210,7 @@ def depthwise_conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1):
     if not _use_triton(input):
         return naive.depthwise_conv3d(input, weight, bias, stride, padding, dilation)
     geo = check_depthwise(input, weight, bias, stride, padding, dilation)
-    if input.device.type == "meta" or torch.compiler.is_compiling():
+    if _traced(input):
         return torch.ops.d2conv.depthwise_conv3d(input, weight, bias, list(geo.stride),
                                                  list(geo.padding), list(geo.dilation))
     return ops.DepthwiseConv3dFunction.apply(input, weight, bias, geo)

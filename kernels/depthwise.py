@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from . import settings
+from .launch import cdiv, next_power_of_2
 from .ops import _depthwise_format
 
 
@@ -489,7 +490,7 @@ _EXTENT = {"BLOCK_C": "C", "BLOCK_W": "Wo", "ROWS": "Ho"}
 
 
 def _fit(config, args):
-    meta = {name: min(value, triton.next_power_of_2(args[_EXTENT[name]])) if name in _EXTENT
+    meta = {name: min(value, next_power_of_2(args[_EXTENT[name]])) if name in _EXTENT
             else value for name, value in config.kwargs.items()}
     meta["VEC"] = min(meta["VEC"], meta["BLOCK_C"])
     return triton.Config(meta, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -547,15 +548,15 @@ def _corr(x, weight, bias, y, kernel, S, U, P, D, flip, channels_last):
                 sxn=x.stride(0), sxc=x.stride(1), sxt=x.stride(2), sxh=x.stride(3),
                 sxw=x.stride(4), syn=y.stride(0), syc=y.stride(1), syt=y.stride(2),
                 syh=y.stride(3), syw=y.stride(4), swc=taps.stride(0), swk=taps.stride(1),
-                P_BUCKET=triton.next_power_of_2(N * To * Ho * Wo), CHANNELS_LAST=channels_last,
+                P_BUCKET=next_power_of_2(N * To * Ho * Wo), CHANNELS_LAST=channels_last,
                 KD=KD, KH=KH, KW=KW, SD=SD, SH=SH, SW=SW, UD=UD, UH=UH, UW=UW,
                 PD=PD, PH=PH, PW=PW, DD=DD, DH=DH, DW=DW, FLIP=flip,
                 HAS_BIAS=bias is not None, ROLL=KH == 3 and SH == UH == DH == 1,
                 UNROLL=KD * KH * KW <= 27)
 
     def grid(meta):
-        return (triton.cdiv(Wo, meta["BLOCK_W"]) * triton.cdiv(Ho, meta["ROWS"]) * N * To,
-                triton.cdiv(C, meta["BLOCK_C"]))
+        return (cdiv(Wo, meta["BLOCK_W"]) * cdiv(Ho, meta["ROWS"]) * N * To,
+                cdiv(C, meta["BLOCK_C"]))
 
     _launch("corr", channels_last, grid, args)
 
@@ -612,13 +613,13 @@ def _slices(geo, channels_last, device):
         run = min(Ho, 2)                        # several runs and slices in small tests
     else:
         block_c = min(CANDIDATES["wgrad"][channels_last][0].kwargs["BLOCK_C"],
-                      triton.next_power_of_2(geo.C))
+                      next_power_of_2(geo.C))
         sms = (torch.cuda.get_device_properties(device).multi_processor_count
                if device.type == "cuda" else 132)
-        blocks = triton.cdiv(geo.C, block_c)
-        run = min(Ho, max(2, triton.cdiv(_SLICE_POSITIONS, Wo),
-                          triton.cdiv(planes * Ho * blocks, 4 * sms)))
-    return planes * triton.cdiv(Ho, run), run
+        blocks = cdiv(geo.C, block_c)
+        run = min(Ho, max(2, cdiv(_SLICE_POSITIONS, Wo),
+                          cdiv(planes * Ho * blocks, 4 * sms)))
+    return planes * cdiv(Ho, run), run
 
 
 def _wgrad(geo, g, x, weight, need_weight, need_bias, channels_last):
@@ -641,20 +642,20 @@ def _wgrad(geo, g, x, weight, need_weight, need_bias, channels_last):
                     sxn=x.stride(0), sxc=x.stride(1), sxt=x.stride(2), sxh=x.stride(3),
                     sxw=x.stride(4), sgn=g.stride(0), sgc=g.stride(1), sgt=g.stride(2),
                     sgh=g.stride(3), sgw=g.stride(4),
-                    P_BUCKET=triton.next_power_of_2(geo.N * To * Ho * Wo),
+                    P_BUCKET=next_power_of_2(geo.N * To * Ho * Wo),
                     CHANNELS_LAST=channels_last, KD=KD, KH=KH, KW=KW, SD=SD, SH=SH, SW=SW,
                     PD=PD, PH=PH, PW=PW, DD=DD, DH=DH, DW=DW, NEED_WEIGHT=need_weight,
                     NEED_BIAS=need_bias, ROLL=KH == 3 and SH == DH == 1, UNROLL=K <= 27)
 
         def grid(meta):
-            return (slices, triton.cdiv(C, meta["BLOCK_C"]))
+            return (slices, cdiv(C, meta["BLOCK_C"]))
 
         _launch("wgrad", channels_last, grid, args)
 
     reduce = REDUCE_INTERPRETER if settings.interpreting() else REDUCE
-    block_c = min(reduce.kwargs["BLOCK_C"], triton.next_power_of_2(C))
+    block_c = min(reduce.kwargs["BLOCK_C"], next_power_of_2(C))
     rows = (K if need_weight else 0) + (1 if need_bias else 0)
-    depthwise_wgrad_reduce_kernel[(triton.cdiv(C, block_c), rows)](
+    depthwise_wgrad_reduce_kernel[(cdiv(C, block_c), rows)](
         part, grad_weight if need_weight else part, grad_bias if need_bias else part,
         slices, C, K, NEED_WEIGHT=need_weight, BLOCK_S=reduce.kwargs["BLOCK_S"],
         BLOCK_C=block_c, num_warps=reduce.num_warps, num_stages=reduce.num_stages)

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from . import settings
+from .launch import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -479,7 +480,7 @@ def _launch(kernel, programs, num_warps, **args):
 
 
 def _pow2(n):
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_power_of_2(max(int(n), 1))
 
 
 def _vector_block(n, largest):
@@ -522,11 +523,11 @@ def _chunks(channels, S, block_c, block_s, other, itemsize, device, channel_bloc
     ``channels`` x S elements (``other`` such ranges in the launch): a program takes
     _program_tiles tiles, along the positions first; with ``channel_blocks`` False, one channel
     block."""
-    blocks_c, blocks_s = triton.cdiv(channels, block_c), triton.cdiv(S, block_s)
+    blocks_c, blocks_s = cdiv(channels, block_c), cdiv(S, block_s)
     k = _program_tiles(other * blocks_c * blocks_s, block_c * block_s, itemsize, device)
     k_s = min(k, blocks_s)
     k_c = min(max(1, k // k_s), blocks_c) if channel_blocks else 1
-    return k_c, k_s, triton.cdiv(blocks_c, k_c), triton.cdiv(blocks_s, k_s)
+    return k_c, k_s, cdiv(blocks_c, k_c), cdiv(blocks_s, k_s)
 
 
 def _alignment(stride):
@@ -661,7 +662,7 @@ def group_norm_bwd(grad_out, input, mean, rstd, weight, num_groups, relu, *, nee
     wsum = torch.empty((2, N, C), device=dev, dtype=torch.float32) if need_input else part
     # 16 channels a program: C / 16 programs share the partial sums, 64-byte rows of them
     block = _vector_block(C, 16)
-    _launch(_gn_grad_channels_kernel, triton.cdiv(C, block), 4, part_ptr=part,
+    _launch(_gn_grad_channels_kernel, cdiv(C, block), 4, part_ptr=part,
             w_ptr=weight if weight is not None else part, wsum_ptr=wsum,
             gw_ptr=grad_w if need_weight else part, gb_ptr=grad_b if need_bias else part,
             N=N, C=C, N_SC=n_sc, HAS_WEIGHT=weight is not None, NEED_INPUT=need_input,

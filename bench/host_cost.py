@@ -1,0 +1,152 @@
+"""Host time of one D²Conv call with the kernel launches stubbed out: what the CPU spends besides
+the GPU's work.
+
+    PYTHONPATH=. python bench/host_cost.py [--device cpu|cuda] [--calls 3000] [--profile]
+
+Argument checks, geometry, the autograd graph, allocations and the torch ops that lay out the
+kernels' operands, with ``configs.launch`` (every Triton and Gluon launch of the D²Conv ops)
+replaced by a no-op; a launch itself is Triton's cost, apart. Shapes: the 2D det64 (8, 256 ->
+256, 64x64, 3x3, padding 1, mask; ``kernels.deform_conv2d``) and the 3D rf3 (2, 256 -> 256,
+2x30x54, 3x3x3, padding 1, mask; ``kernels.d2conv3d`` xyz), bf16. ``--device cuda`` runs them on
+the GPU, whose torch ops only queue their kernels. ``--device cpu`` (the default without a GPU)
+runs CPU tensors through the path CUDA tensors take, at one sample, 16 channels and a 1-voxel
+(1-pixel) input, where the torch ops' arithmetic is negligible (the backward's column gradient is
+one chunk, as at rf3; det64 makes two): the Python and dispatch cost alone. Prints the median µs of a forward
+and of a forward+backward over ``--calls`` calls (after as many warm-up calls), and with
+``--profile`` the functions that take the most of it; writes <GPU or CPU>-host-cost.json among
+the bench's records (records.py), with the CPU's model.
+"""
+import argparse
+import cProfile
+import platform
+import pstats
+import subprocess
+import time
+
+import torch
+
+import kernels
+from kernels import configs, settings
+
+SHAPES = {  # name: (op, N, C, Co, spatial size)
+    "det64": ("deform_conv2d", 8, 256, 256, (64, 64)),
+    "rf3": ("d2conv3d", 2, 256, 256, (2, 30, 54)),
+}
+
+
+def inputs(shape, device):
+    """(function, leaves): one call of the shape's op on fresh bf16 tensors of ``device``."""
+    op, N, C, Co, size = SHAPES[shape]
+    if device == "cpu":
+        N, C, Co, size = 1, 16, 16, (1,) * len(size)
+    k = (3,) * len(size)
+    K = 3 ** len(size)
+    make = lambda *s: torch.rand(*s, device=device, dtype=torch.bfloat16)  # noqa: E731
+    x, w, b = make(N, C, *size), make(Co, C, *k), make(Co)
+    mask = make(N, K, *size)
+    if op == "deform_conv2d":
+        coords = make(N, 2 * K, *size)
+        return (lambda x, c, w, b, m: kernels.deform_conv2d(x, c, w, b, padding=1, mask=m),
+                [x, coords, w, b, mask])
+    coords = make(N, 3, *size) + 0.5
+    return (lambda x, c, w, b, m: kernels.d2conv3d(x, c, w, b, padding=1, mask=m, mode="xyz"),
+            [x, coords, w, b, mask])
+
+
+def one_call(fn, leaves, pass_):
+    """A zero-argument callable running one forward, or one forward+backward."""
+    if pass_ == "fwd":
+        return lambda: fn(*leaves)
+    leaves = [t.requires_grad_() for t in leaves]
+    grad_out = torch.ones_like(fn(*leaves))
+    return lambda: torch.autograd.grad(fn(*leaves), leaves, grad_out)
+
+
+def median_us(call, calls, device):
+    """Median host µs of ``call`` over ``calls`` calls, after as many warm-up calls."""
+    for _ in range(calls):
+        call()
+    times = []
+    for _ in range(calls):
+        tick = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - tick)
+        if device == "cuda" and len(times) % 256 == 0:
+            torch.cuda.synchronize()          # keep the queue of stream work short
+    return sorted(times)[len(times) // 2] * 1e6
+
+
+class stubbed_launches:
+    """``configs.launch`` a no-op, and CPU tensors on the kernels' path, for a while. On the CPU
+    nothing can be tuned: each kernel's default config is taken, as a tuned process takes its
+    remembered pick after the first call."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        self.saved = configs.launch, kernels._use_triton
+        configs.launch = lambda *args, **kwargs: None
+        kernels._use_triton = lambda input: True
+        if self.device == "cpu":
+            settings.configure(autotune=False)
+        return self
+
+    def __exit__(self, *exc):
+        configs.launch, kernels._use_triton = self.saved
+        settings.configure(autotune=None)
+
+
+def measure(device, calls, profile):
+    rows = []
+    with stubbed_launches(device):
+        for shape in SHAPES:
+            for pass_ in ("fwd", "fwdbwd"):
+                call = one_call(*inputs(shape, device), pass_)
+                us = median_us(call, calls, device)
+                rows.append(dict(shape=shape, op=SHAPES[shape][0], pass_=pass_, host_us=us))
+                print(f"{shape:6} {pass_:7} {us:8.1f} µs", flush=True)
+                if profile:
+                    profiler = cProfile.Profile()
+                    profiler.runcall(lambda: [call() for _ in range(200)])
+                    pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--calls", type=int, default=3000)
+    parser.add_argument("--profile", action="store_true",
+                        help="print the functions taking the most host time")
+    parser.add_argument("--no-record", action="store_true", help="print only")
+    parser.add_argument("--commit", default="",
+                        help="the code measured, as the record names it (default: git's HEAD)")
+    args = parser.parse_args()
+    rows = measure(args.device, args.calls, args.profile)
+    if args.no_record:
+        return
+    import triton
+
+    from records import gpu_name, merge
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    name = gpu_name() if args.device == "cuda" else "CPU"
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                           capture_output=True, text=True).stdout.strip()
+    for row in rows:
+        merge(f"{name}-host-cost.json",
+              dict(row, device=args.device, cpu=cpu, commit=commit, torch=torch.__version__,
+                   triton=triton.__version__, date=time.strftime("%Y-%m-%d")),
+              key=("cpu", "device", "commit", "shape", "pass_"))
+    print(f"wrote {name}-host-cost.json")
+
+
+if __name__ == "__main__":
+    main()
