@@ -104,7 +104,7 @@ def measure(device, calls, profile):
             for pass_ in ("fwd", "fwdbwd"):
                 call = one_call(*inputs(shape, device), pass_)
                 us = median_us(call, calls, device)
-                rows.append(dict(shape=shape, op=SHAPES[shape][0], pass_=pass_, host_us=us))
+                rows.append(dict(shape=shape, op=SHAPES[shape][0], **{"pass": pass_}, host_us=us))
                 print(f"{shape:6} {pass_:7} {us:8.1f} µs", flush=True)
                 if profile:
                     profiler = cProfile.Profile()
@@ -144,7 +144,7 @@ def main():
         merge(f"{name}-host-cost.json",
               dict(row, device=args.device, cpu=cpu, commit=commit, torch=torch.__version__,
                    triton=triton.__version__, date=time.strftime("%Y-%m-%d")),
-              key=("cpu", "device", "commit", "shape", "pass_"))
+              key=("cpu", "device", "commit", "shape", "pass"))
     print(f"wrote {name}-host-cost.json")
 
 
