@@ -52,7 +52,7 @@ def captured_launches(shape, dtype, mode="xyz", deterministic=False, pull=False,
     geo = check_args(x, coords, weight, None, 1, 1, 1, mask, 1, mode)
     seen = []
 
-    def launch(kernel_fn, tuned_fn, name, grid, args, pre_hook=None):
+    def launch(kernel_fn, name, grid, args, config=None, pre_hook=None):
         if name not in [n for n, _, _, _ in seen]:      # the data kernel's later launches alike
             seen.append((name, kernel_fn, dict(args), pre_hook))
 
@@ -64,7 +64,8 @@ def captured_launches(shape, dtype, mode="xyz", deterministic=False, pull=False,
     configs.launch = launch
     backward.deterministic = lambda device: deterministic
     try:
-        with settings.override(input_grad="pull" if pull else "scatter", forward="triton"):
+        with settings.override(input_grad="pull" if pull else "scatter", forward="triton",
+                               autotune=False):
             forward.d2conv_fwd(geo, x, coords, weight, None, mask, mode)
             if gluon:
                 hopper.d2conv_fwd_hopper(geo, x, coords, weight, None, mask, mode)

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from . import configs, input_grad, settings
 from .checks import OFFSET_AXES
-from .launch import LaunchGeometry, channels_last, weight_tiles
+from .launch import LaunchGeometry, cdiv, channels_last, weight_tiles
 from .sampling import (class_point, class_points, gather_dot, gather_tile, kernel_point,
                        load_sizes, output_voxels, scatter_tile)
 
@@ -150,13 +150,6 @@ def d2conv_bwd_data_kernel(
             tl.store(gcoord_ptr + coord_row + ch * L, g_s, mask=m_ok)
 
 
-# every timed run of the autotuner starts from the same buffers: the input gradient and the
-# summed sizes accumulate, and col is overwritten in place
-d2conv_bwd_data_tuned = triton.autotune(
-    configs.all_candidates("BWD_DATA"), key=configs.DATA_KEY,
-    restore_value=["col_ptr", "gx_ptr", "gcoord_ptr"],
-    prune_configs_by={"early_config_prune": configs.pruner("BWD_DATA")})(d2conv_bwd_data_kernel)
-
 
 def points_per_launch(M, C, K, itemsize):
     """Kernel points per data-kernel launch: as many as settings.gcol_bytes() of columns hold (at
@@ -195,13 +188,39 @@ def fixed_point_scale(go, weight, mask, samples):
     return torch.exp2(exponent).reshape(1)
 
 
+def tuned_configs(data_args, pull, run_data_kernel, run):
+    """(the data kernel's config, the pulled input gradient's or None) for one backward: pinned
+    or each kernel's default when not tuning (``configs.pinned``); else picked by
+    ``tuning.pick`` on the whole backward, ``run(data_config, input_config)``: the data kernel's
+    first (with the pull's default), then the pull's with it."""
+    data = configs.pinned("BWD_DATA", data_args)
+    pulled = configs.pinned("BWD_INPUT", data_args) if pull else None
+    if data is not None and (pulled is not None or not pull):
+        return data, pulled
+    from . import tuning
+
+    extra = (settings.gcol_bytes(), pull)       # what else the whole backward's time depends on
+    if data is None:
+        options = configs.candidates("BWD_DATA", data_args)
+        first_pulled = (pulled or configs.candidates("BWD_INPUT", data_args)[0]) if pull else None
+        data = (tuning.pick("BWD_DATA", configs.tune_key("BWD_DATA", data_args, *extra), options,
+                            lambda config: run(config, first_pulled))
+                if run_data_kernel else options[0])
+    if pull and pulled is None:
+        pulled = tuning.pick("BWD_INPUT", configs.tune_key("BWD_INPUT", data_args, *extra),
+                             configs.candidates("BWD_INPUT", data_args),
+                             lambda config: run(data, config))
+    return data, pulled
+
+
 def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, *, need_input, need_coords,
-               need_weight, need_bias, need_mask):
+               need_weight, need_bias, need_mask, data_config=None, input_config=None):
     """Gradients of deform_conv3d / d2conv3d, in the order of the op's arguments:
     (grad_input, grad_coords, grad_weight, grad_bias, grad_mask). A gradient that is not asked
     for (or has no argument: grad_mask without a mask) is None; grad_bias is the sum of grad_out.
     See ``deterministic`` for ``torch.use_deterministic_algorithms(True)``; the module's docstring
-    for the steps.
+    for the steps. The kernels' configs: ``data_config`` and ``input_config`` where given, else
+    ``tuned_configs``'s.
     """
     shape = LaunchGeometry.of(geo, mode, coords, mask, input.dtype)
     dev, dtype = input.device, input.dtype
@@ -245,9 +264,16 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, *, need_input, 
                          NEED_INPUT=scatter, NEED_COORD=need_coords, NEED_MASK=need_mask,
                          NEED_COLUMN=need_weight, FIXED_POINT=fixed_point)
         run_data_kernel = scatter or need_coords or need_mask or need_weight
+        if data_config is None or (pull and input_config is None):
+            data_config, input_config = tuned_configs(
+                data_args, pull, run_data_kernel,
+                lambda data, pulled: d2conv_bwd(
+                    geo, grad_out, input, coords, weight, mask, mode, need_input=need_input,
+                    need_coords=need_coords, need_weight=need_weight, need_bias=need_bias,
+                    need_mask=need_mask, data_config=data, input_config=pulled))
 
         def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]), geo.offset_groups)
+            return (cdiv(M, meta["BLOCK_M"]), geo.offset_groups)
 
         step = points_per_launch(M, C, K, go.element_size())
         for k0 in range(0, K, step):
@@ -258,11 +284,11 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, *, need_input, 
             else:
                 col = torch.empty((groups, M, kc * Cg), device=dev, dtype=dtype)
             if pull:        # before the data kernel overwrites col with the columns
-                input_grad.launch(shape, coords, mask, col, gx, bounds, k0, kc)
+                input_grad.launch(shape, coords, mask, col, gx, bounds, k0, kc, input_config)
             data_args.update(col_ptr=col, K_FIRST=k0, KC=kc, COL_M=kc * Cg, COL_G=M * kc * Cg)
             if run_data_kernel:
-                configs.launch(d2conv_bwd_data_kernel, d2conv_bwd_data_tuned, "BWD_DATA", grid,
-                               data_args)
+                configs.launch(d2conv_bwd_data_kernel, "BWD_DATA", grid, data_args,
+                               config=data_config)
             if need_weight:     # col now holds the sampled columns
                 gw[:, k0:k0 + kc] = torch.matmul(col.transpose(1, 2), go_g).view(
                     groups, kc, Cg, Cog)

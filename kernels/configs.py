@@ -1,9 +1,10 @@
-"""Autotuning: the candidate configs of each kernel, their pruning, and how to pin one.
+"""Autotuning: the candidate configs of each kernel, their pruning, how to pin one, and the
+launch (kernels/tuning.py times the candidates and remembers the pick).
 
 Autotune keys are the channel counts, kernel size, stride, dilation, mode, groups and a
 power-of-two bucket of the number of output voxels (``M_BUCKET``), never the exact T x H x W,
-so a new video size reuses the tuned config of its bucket. Triton adds the tensors' dtypes. The
-data kernel's key (``DATA_KEY``) also holds which gradients a launch computes; the pull's
+so a new video size reuses the tuned config of its bucket; ``tune_key`` adds the input's dtype.
+The data kernel's key (``DATA_KEY``) also holds which gradients a launch computes; the pull's
 (``INPUT_GRAD_KEY``) drops what its kernel does not take.
 
 ``kernels.settings`` turns tuning off (each kernel's first candidate of its class is launched)
@@ -14,6 +15,7 @@ import torch
 import triton
 
 from . import settings
+from .launch import next_power_of_2
 
 # the launch parameters of a config (the rest of its parameters are the kernel's meta-parameters);
 # maxnreg caps the registers per thread (more programs per SM, at the cost of spills)
@@ -27,13 +29,6 @@ KEY = ["C", "Cog", "Cg", "SEG", "G", "KD", "KH", "KW", "SD", "SH", "SW", "DD", "
 DATA_KEY = KEY + ["NEED_INPUT", "NEED_COORD", "NEED_MASK", "NEED_COLUMN", "FIXED_POINT"]
 # the pulled input gradient has no output-channel axis and serves D²Conv modes only
 INPUT_GRAD_KEY = [name for name in KEY if name not in ("Cog", "IS_OFFSET")]
-
-
-def pruner(kernel):
-    """The early_config_prune of one kernel's autotuner."""
-    def prune_kernel(configs, named_args, **kwargs):
-        return prune(configs, named_args, kernel=kernel, **kwargs)
-    return prune_kernel
 
 
 def _cfg(num_warps, num_stages, maxnreg=None, **meta):
@@ -105,15 +100,6 @@ FWD_HOPPER_WIDE, FWD_HOPPER_NARROW = FWD_HOPPER["16-bit"][:2]
 CANDIDATES = {"FWD": FWD, "BWD_DATA": BWD_DATA, "BWD_INPUT": BWD_INPUT, "FWD_HOPPER": FWD_HOPPER}
 
 
-def all_candidates(kernel):
-    """Every class's candidates of one kernel (what its autotuner is built with; prune keeps the
-    launch's class)."""
-    unique = {}
-    for config in (c for configs in CANDIDATES[kernel].values() for c in configs):
-        unique.setdefault(_identity(config), config)
-    return list(unique.values())
-
-
 def _identity(config):
     """What makes two configs the same launch."""
     return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages,
@@ -143,17 +129,13 @@ def _fit(config, args):
     meta = dict(config.kwargs)
     for name, extent in _EXTENT.items():
         if name in meta:
-            meta[name] = min(meta[name], max(16, triton.next_power_of_2(args[extent])))
+            meta[name] = min(meta[name], max(16, next_power_of_2(args[extent])))
     return triton.Config(meta, num_warps=config.num_warps, num_stages=config.num_stages,
                          maxnreg=config.maxnreg)
 
 
-def prune(configs, named_args, kernel=None, **kwargs):
-    """Keep the launch's precision class (when ``kernel`` is named), fit every candidate to the
-    shape and drop the duplicates this makes."""
-    args = {**named_args, **kwargs}     # Triton passes keyword launch arguments in kwargs
-    if kernel is not None:
-        configs = CANDIDATES[kernel][precision_class(args)]
+def prune(configs, args):
+    """Fit every config to the shape and drop the duplicates this makes."""
     seen, kept = set(), []
     for config in configs:
         config = _fit(config, args)
@@ -192,16 +174,42 @@ def pinned(kernel, args):
     return None
 
 
-def launch(kernel_fn, tuned_fn, name, grid, args, pre_hook=None):
-    """Launch a kernel with its pinned config, or through its autotuner (None for a kernel that
-    is never tuned). ``pre_hook`` runs on the arguments with the config's before the launch."""
-    config = pinned(name, args)
+# what a kernel's pick depends on besides its tensors' dtype: the autotune keys above
+KEYS = {"FWD": KEY, "BWD_DATA": DATA_KEY, "BWD_INPUT": INPUT_GRAD_KEY}
+
+
+def candidates(kernel, args):
+    """The candidates of ``kernel`` for a launch with these arguments: its precision class's,
+    fitted to the shape."""
+    return prune(CANDIDATES[kernel][precision_class(args)], args)
+
+
+def tune_key(kernel, args, *extra):
+    """What a pick of ``kernel`` is remembered under: its KEYS' values, the input's dtype and
+    ``extra`` (what else the timed pass depends on)."""
+    tensor = args.get("x_ptr", args.get("col_ptr"))
+    return (*(args[name] for name in KEYS[kernel]), str(tensor.dtype), *extra)
+
+
+def launch(kernel_fn, name, grid, args, config=None, pre_hook=None):
+    """Launch a kernel with ``config``; without one, with its pinned config (``pinned``), else
+    with the one ``tuning.pick`` times fastest on this launch alone (the forward's case: there
+    the launch is the whole pass; the backward picks its configs on the whole backward and passes
+    them). ``pre_hook`` runs on the arguments with the config's before a launch."""
     if config is None:
-        tuned_fn[grid](**args)
-    else:
-        if pre_hook is not None:
-            pre_hook({**args, **config.kwargs})
-        launch_options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-        if config.maxnreg is not None:
-            launch_options["maxnreg"] = config.maxnreg
-        kernel_fn[grid](**args, **config.kwargs, **launch_options)
+        config = pinned(name, args)
+    if config is None:
+        from . import tuning
+
+        config = tuning.pick(name, tune_key(name, args), candidates(name, args),
+                             lambda c: _launch(kernel_fn, grid, args, c, pre_hook))
+    _launch(kernel_fn, grid, args, config, pre_hook)
+
+
+def _launch(kernel_fn, grid, args, config, pre_hook):
+    if pre_hook is not None:
+        pre_hook({**args, **config.kwargs})
+    launch_options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    if config.maxnreg is not None:
+        launch_options["maxnreg"] = config.maxnreg
+    kernel_fn[grid](**args, **config.kwargs, **launch_options)

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from . import configs, settings
-from .launch import LaunchGeometry, channels_last, weight_tiles
+from .launch import LaunchGeometry, cdiv, channels_last, weight_tiles
 from .sampling import (class_point, class_points, gather_tile, kernel_point, load_sizes,
                        output_voxels)
 
@@ -81,11 +81,6 @@ def d2conv_fwd_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
 
 
-d2conv_fwd_tuned = triton.autotune(configs.all_candidates("FWD"), key=configs.KEY,
-                                   prune_configs_by={"early_config_prune": configs.pruner("FWD")})(
-    d2conv_fwd_kernel)
-
-
 def _gluon(geo, input):
     """Whether the forward takes the Gluon kernel (kernels/hopper.py): settings.forward()."""
     choice = settings.forward()
@@ -127,8 +122,8 @@ def d2conv_fwd(geo, input, coords, weight, bias, mask, mode):
                 HAS_BIAS=bias is not None, W_C_MAJOR=w_c_major)
 
     def grid(meta):
-        return (triton.cdiv(shape.M, meta["BLOCK_M"]),
-                geo.groups * triton.cdiv(shape.Cog, meta["BLOCK_N"]))
+        return (cdiv(shape.M, meta["BLOCK_M"]),
+                geo.groups * cdiv(shape.Cog, meta["BLOCK_N"]))
 
-    configs.launch(d2conv_fwd_kernel, d2conv_fwd_tuned, "FWD", grid, args)
+    configs.launch(d2conv_fwd_kernel, "FWD", grid, args)
     return out

@@ -29,7 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from . import configs
-from .launch import LaunchGeometry, channels_last, weight_tiles
+from .launch import LaunchGeometry, cdiv, channels_last, weight_tiles
 from .sampling import class_point, class_points, gather_tile, kernel_point, load_sizes
 
 # Gluon's names moved between Triton 3.6 and 3.9 (module-level aliases are legal in a kernel)
@@ -206,9 +206,9 @@ def d2conv_fwd_hopper(geo, input, coords, weight, bias, mask, mode):
                 b_ptr=bias if bias is not None else w2d, out_ptr=out, HAS_BIAS=bias is not None)
 
     def grid(meta):
-        return (triton.cdiv(shape.M, meta["BLOCK_M"]),
-                geo.groups * triton.cdiv(shape.Cog, meta["BLOCK_N"]))
+        return (cdiv(shape.M, meta["BLOCK_M"]),
+                geo.groups * cdiv(shape.Cog, meta["BLOCK_N"]))
 
     # not autotuned: configs.pinned picks the tile by output channels
-    configs.launch(d2conv_fwd_hopper_kernel, None, "FWD_HOPPER", grid, args, pre_hook=_set_block)
+    configs.launch(d2conv_fwd_hopper_kernel, "FWD_HOPPER", grid, args, pre_hook=_set_block)
     return out

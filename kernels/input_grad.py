@@ -22,6 +22,7 @@ import triton.language as tl
 
 from . import configs, settings
 from .checks import OFFSET_AXES, SIZE_CHANNELS
+from .launch import cdiv
 from .sampling import load_sizes, size_delta
 
 
@@ -71,7 +72,7 @@ def d2conv_input_grad_kernel(
     bounds_ptr,  # fp32 (NS, 2): the smallest and largest size of each size channel
     # LaunchGeometry.args() (M, Co, Cog and IS_OFFSET unused: no output-channel axis, no offsets)
     M, C, T, H, W, To, Ho, Wo, Co, Cg, Cog, Cpg, SEG, G, COORD_CH,
-    M_BUCKET,                       # read by the autotuner's key only
+    M_BUCKET,                       # read by the tuning key only
     K_FIRST, KC, COL_M, COL_G,      # this launch's kernel points; col's strides (voxel, group)
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -160,13 +161,6 @@ def d2conv_input_grad_kernel(
     tl.store(out, tl.load(out, mask=ok, other=0.0) + acc, mask=ok)
 
 
-# the input gradient accumulates: every timed run of the autotuner starts from the same buffer
-d2conv_input_grad_tuned = triton.autotune(
-    configs.all_candidates("BWD_INPUT"), key=configs.INPUT_GRAD_KEY,
-    restore_value=["gx_ptr"],
-    prune_configs_by={"early_config_prune": configs.pruner("BWD_INPUT")})(
-    d2conv_input_grad_kernel)
-
 
 # the pull's window grows with the spread of the sizes (hi - lo, times the dilation and the
 # kernel's half width): its work goes as the product over the axes of (brick + 1 + spread). At
@@ -209,19 +203,20 @@ def size_bounds(coords, offset_groups, size_channels):
     return torch.stack([sizes.amin(1), sizes.amax(1)], dim=1).contiguous()
 
 
-def launch(shape, coords, mask, col, gx, bounds, k_first, kc):
+def launch(shape, coords, mask, col, gx, bounds, k_first, kc, config):
     """Add the input gradient of kernel points k_first .. k_first+kc-1 into gx.
 
     shape: the call's LaunchGeometry; coords, mask contiguous; col (groups, M, kc*Cg) their column
-    gradient; gx fp32 channels-last (N, T, H, W, C); bounds from size_bounds."""
+    gradient; gx fp32 channels-last (N, T, H, W, C); bounds from size_bounds; config the kernel's
+    (the backward picks it, kernels/backward.py)."""
     geo = shape.geo
     args = dict(shape.args(), coord_ptr=coords, mask_ptr=mask if mask is not None else coords,
                 col_ptr=col, gx_ptr=gx, bounds_ptr=bounds, K_FIRST=k_first, KC=kc,
                 COL_M=kc * shape.Cg, COL_G=shape.M * kc * shape.Cg)
 
     def grid(meta):
-        return (geo.N * triton.cdiv(geo.T, meta["BZ"]) * triton.cdiv(geo.H, meta["BY"])
-                * triton.cdiv(geo.W, meta["BX"]),
-                geo.C // shape.SEG * triton.cdiv(shape.SEG, meta["BLOCK_C"]))
+        return (geo.N * cdiv(geo.T, meta["BZ"]) * cdiv(geo.H, meta["BY"])
+                * cdiv(geo.W, meta["BX"]),
+                geo.C // shape.SEG * cdiv(shape.SEG, meta["BLOCK_C"]))
 
-    configs.launch(d2conv_input_grad_kernel, d2conv_input_grad_tuned, "BWD_INPUT", grid, args)
+    configs.launch(d2conv_input_grad_kernel, "BWD_INPUT", grid, args, config=config)

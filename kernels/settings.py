@@ -11,6 +11,9 @@ set from code, which wins over the environment:
   D2CONV_AUTOTUNE=1            tune each kernel per shape (default 1). 0: launch each kernel's
                                default config, one compile per kernel and shape, what a short run
                                wants. The Triton interpreter never tunes.
+  D2CONV_TUNE_CACHE=DIR        where the D²Conv kernels' tuning results are kept across runs
+                               (kernels/tuning.py; default $XDG_CACHE_HOME/d2conv, else
+                               ~/.cache/d2conv); "off": tuned again in every process
   D2CONV_CONFIG_FWD=...        pin one config of a kernel: FWD (forward), FWD_HOPPER (the Gluon
   D2CONV_CONFIG_FWD_HOPPER=... forward, kernels/hopper.py), BWD_DATA (the backward's data
   D2CONV_CONFIG_BWD_DATA=...   kernel), BWD_INPUT (the pulled input gradient), as NAME=INT,...
@@ -32,13 +35,13 @@ set from code, which wins over the environment:
 import contextlib
 import os
 
-__all__ = ["configure", "override", "set_autotune", "autotune", "pinned_config", "gcol_bytes",
-           "fp32_dot", "input_grad", "forward", "interpreting", "SETTINGS"]
+__all__ = ["configure", "override", "set_autotune", "autotune", "tune_cache", "pinned_config",
+           "gcol_bytes", "fp32_dot", "input_grad", "forward", "interpreting", "SETTINGS"]
 
 # name: default; the environment variable is "D2CONV_" + NAME
-SETTINGS = {"autotune": "1", "config_fwd": "", "config_fwd_hopper": "", "config_bwd_data": "",
-            "config_bwd_input": "", "gcol_mib": "128", "fp32_dot": "ieee", "input_grad": "auto",
-            "forward": "auto"}
+SETTINGS = {"autotune": "1", "tune_cache": "", "config_fwd": "", "config_fwd_hopper": "",
+            "config_bwd_data": "", "config_bwd_input": "", "gcol_mib": "128", "fp32_dot": "ieee",
+            "input_grad": "auto", "forward": "auto"}
 _CHOICES = {"fp32_dot": ("ieee", "tf32x3"), "input_grad": ("auto", "scatter", "pull"),
             "forward": ("auto", "triton", "gluon")}
 
@@ -108,6 +111,18 @@ def interpreting() -> bool:
 def autotune() -> bool:
     """Whether the kernels tune per shape."""
     return _get("autotune") != "0"
+
+
+def tune_cache():
+    """The folder of the tuning results (a Path), or None when they are not kept on disk."""
+    from pathlib import Path
+
+    text = _get("tune_cache")
+    if text == "off":
+        return None
+    if text:
+        return Path(text).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "d2conv"
 
 
 def pinned_config(kernel):

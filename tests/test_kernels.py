@@ -148,9 +148,9 @@ def pulled(monkeypatch):
     monkeypatch.setenv("D2CONV_INPUT_GRAD", "pull")
     launches, launch = [], input_grad.launch
 
-    def counted(shape, coords, mask, col, gx, bounds, k_first, kc):
+    def counted(shape, coords, mask, col, gx, bounds, k_first, kc, config):
         launches.append(kc)
-        return launch(shape, coords, mask, col, gx, bounds, k_first, kc)
+        return launch(shape, coords, mask, col, gx, bounds, k_first, kc, config)
 
     monkeypatch.setattr(input_grad, "launch", counted)
     return launches

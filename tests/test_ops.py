@@ -33,10 +33,24 @@ def good_args(**change):
     (dict(weight=torch.randn(6, 4, 3, 3, 3, dtype=torch.float64)), "weight"),
     (dict(input=torch.randn(1, 4, 1, 1, 1), offset=torch.randn(1, 81, 1, 1, 1),
           mask=None, padding=0), "too small"),
+    (dict(padding=1.0), "padding must be an int"),
+    (dict(stride=(1, 1.0, 1)), "stride must be an int"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_arguments_raise_value_error_naming_them(change, word):
+    """Also after a good call of the same tensors' shapes: the checks remembered per call
+    signature (checks.checked_geometry) pass nothing they would refuse."""
+    kernels.deform_conv3d(**good_args())
     with pytest.raises(ValueError, match=word):
         kernels.deform_conv3d(**good_args(**change))
+
+
+def test_host_side_integer_helpers_equal_tritons():
+    import triton
+
+    from kernels.launch import cdiv, next_power_of_2
+
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(300) for b in range(1, 70))
 
 
 def test_bad_size_and_mode():
@@ -87,8 +101,8 @@ def test_eager_path_equals_custom_op(mode, monkeypatch):
     grads = torch.autograd.grad(out, [t for t in inputs if t is not None], grad_out)
     assert taken == ["eager"]
     x, coords, w, b, m = inputs
-    geo = kernels.check_args(x, coords, w, b, case.stride, case.padding, case.dilation, m,
-                             case.groups, mode)
+    geo = kernels.checks.check_args(x, coords, w, b, case.stride, case.padding, case.dilation, m,
+                                    case.groups, mode)
     ref = torch.ops.d2conv.conv3d(x, coords, w, b, m, list(geo.stride), list(geo.padding),
                                   list(geo.dilation), case.groups, mode)
     ref_grads = torch.autograd.grad(ref, [t for t in inputs if t is not None], grad_out)
@@ -155,7 +169,8 @@ def test_pinned_config_from_environment_is_used(monkeypatch):
 
 
 def test_prune_fits_blocks_to_the_shape():
-    kept = configs.prune(configs.all_candidates("FWD"), {"Cog": 24, "SEG": 8})
+    every = [c for candidates in configs.CANDIDATES["FWD"].values() for c in candidates]
+    kept = configs.prune(every, {"Cog": 24, "SEG": 8})
     assert {c.kwargs["BLOCK_N"] for c in kept} == {32}
     assert {c.kwargs["BLOCK_C"] for c in kept} == {16}
     assert len(kept) == len({(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
@@ -168,7 +183,7 @@ def test_a_register_cap_is_a_candidate_of_its_own(monkeypatch):
     take the capped one."""
     args = {"x_ptr": torch.empty(1, dtype=torch.bfloat16), "DOT_PRECISION": "ieee", "Cog": 256,
             "SEG": 256}
-    kept = configs.prune(configs.all_candidates("BWD_DATA"), args, kernel="BWD_DATA")
+    kept = configs.candidates("BWD_DATA", args)
     caps = [c.maxnreg for c in kept if c.kwargs == {"BLOCK_M": 64, "BLOCK_C": 16}]
     assert sorted(caps, key=str) == [168, None]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -231,11 +246,10 @@ def test_set_autotune_wins_over_the_environment(monkeypatch):
 
 
 def test_data_kernel_tunes_each_set_of_gradients_apart():
-    """The data kernel's autotuner keys on which gradients a launch computes: a config tuned for
+    """The data kernel's pick is keyed on which gradients a launch computes: a config tuned for
     the sampled columns alone would otherwise be reused for the whole backward (they differ)."""
-    from kernels import backward
     flags = {"NEED_INPUT", "NEED_COORD", "NEED_MASK", "NEED_COLUMN", "FIXED_POINT"}
-    assert flags <= set(backward.d2conv_bwd_data_tuned.keys)
+    assert flags <= set(configs.KEYS["BWD_DATA"])
 
 
 @pytest.mark.parametrize("dtype, precision, expected", [
@@ -247,7 +261,7 @@ def test_prune_keeps_the_precision_class(dtype, precision, expected):
     args = {"x_ptr": torch.empty(1, dtype=dtype), "DOT_PRECISION": precision, "Cog": 256,
             "SEG": 256}
     for kernel in [name for name, classes in configs.CANDIDATES.items() if expected in classes]:
-        kept = configs.prune(configs.all_candidates(kernel), args, kernel=kernel)
+        kept = configs.candidates(kernel, args)
         assert [c.kwargs for c in kept] == [c.kwargs for c in configs.CANDIDATES[kernel][expected]]
 
 

@@ -1,0 +1,137 @@
+"""Autotuning (kernels/tuning.py): the fastest candidate is picked, remembered in memory and on
+disk per GPU, Triton version and kernel source, and a second process times nothing; the
+backward's configs are timed on the whole backward. Timings come from a stand-in timer, so this
+runs on a CPU (the kernels under the interpreter)."""
+import json
+
+import pytest
+import torch
+import triton
+
+import kernels
+from helpers import Case, apply, make_inputs, reference, rel_err
+from kernels import backward, configs, settings, tuning
+
+pytestmark = pytest.mark.usefixtures("poison_empty")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """Picks kept under tmp_path, on a GPU named as an H200, with nothing remembered yet."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    tuning.forget()
+    with settings.override(tune_cache=str(tmp_path)):
+        yield tmp_path
+    tuning.forget()
+
+
+class Timer:
+    """Stands in for tuning.bench: runs the pass once and reports times[i] for the i-th."""
+
+    def __init__(self, times):
+        self.times, self.calls = list(times), 0
+
+    def __call__(self, fn):
+        fn()
+        self.calls += 1
+        return self.times[self.calls - 1]
+
+
+CANDIDATES = [triton.Config({"BLOCK": b}, num_warps=4, num_stages=1) for b in (16, 32, 64)]
+
+
+def test_the_fastest_is_picked_and_remembered_across_processes(cache, monkeypatch):
+    ran = []
+    timer = Timer([3.0, 1.0, 2.0])
+    monkeypatch.setattr(tuning, "bench", timer)
+    best = tuning.pick("FWD", (256, "bf16"), CANDIDATES, ran.append)
+    assert best is CANDIDATES[1] and ran == CANDIDATES and timer.calls == 3
+    assert tuning.pick("FWD", (256, "bf16"), CANDIDATES, ran.append) is best   # in memory
+    (path,) = cache.glob("*.json")
+    assert path.name == (f"NVIDIA_H200-triton{triton.__version__}-{tuning.source_hash()}.json")
+    assert json.loads(path.read_text()) == {"FWD|256|bf16": dict(BLOCK=32, num_warps=4,
+                                                                 num_stages=1, maxnreg=None)}
+    tuning.forget()                                  # as a new process: read from the disk
+    assert tuning.pick("FWD", (256, "bf16"), CANDIDATES, ran.append) == CANDIDATES[1]
+    assert timer.calls == 3 and len(ran) == 3
+    # another key is tuned and added beside the first
+    monkeypatch.setattr(tuning, "bench", Timer([1.0, 2.0, 3.0]))
+    assert tuning.pick("FWD", (512, "bf16"), CANDIDATES, ran.append) is CANDIDATES[0]
+    assert set(json.loads(path.read_text())) == {"FWD|256|bf16", "FWD|512|bf16"}
+
+
+def test_a_changed_source_or_gpu_is_tuned_again(cache, monkeypatch):
+    monkeypatch.setattr(tuning, "bench", Timer([3.0, 1.0, 2.0, 1.0, 2.0, 3.0]))
+    tuning.pick("FWD", (1,), CANDIDATES, lambda c: None)
+    tuning.forget()
+    monkeypatch.setattr(tuning, "_source_hash", "0123456789ab")     # an edited kernel
+    assert tuning.pick("FWD", (1,), CANDIDATES, lambda c: None) is CANDIDATES[0]
+    assert len(list(cache.glob("*.json"))) == 2
+
+
+def test_an_unreadable_file_is_tuned_over_and_off_keeps_nothing(cache, monkeypatch, tmp_path):
+    path = tuning.cache_file()
+    path.write_text("{not json")
+    monkeypatch.setattr(tuning, "bench", Timer([2.0, 1.0, 3.0]))
+    assert tuning.pick("FWD", (1,), CANDIDATES, lambda c: None) is CANDIDATES[1]
+    assert json.loads(path.read_text()) == {"FWD|1": dict(BLOCK=32, num_warps=4, num_stages=1,
+                                                          maxnreg=None)}
+    tuning.forget()
+    with settings.override(tune_cache="off"):
+        assert tuning.cache_file() is None
+        monkeypatch.setattr(tuning, "bench", Timer([2.0, 3.0, 1.0]))
+        assert tuning.pick("FWD", (2,), CANDIDATES, lambda c: None) is CANDIDATES[2]
+    assert "FWD|2" not in json.loads(path.read_text())
+
+
+def test_a_candidate_that_does_not_compile_is_skipped(cache, monkeypatch):
+    def run(config):
+        if config.kwargs["BLOCK"] == 16:
+            raise triton.OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(tuning, "bench", lambda fn: (fn(), 1.0)[1])
+    assert tuning.pick("FWD", (1,), CANDIDATES, run) is CANDIDATES[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not settings.interpreting(),
+                    reason="the interpreter stands in for the GPU's tuned launches")
+def test_tuned_calls_time_whole_passes_and_agree_with_the_reference(cache, monkeypatch):
+    """With tuning on (under the interpreter, with the stand-in timer): the forward's candidates
+    are timed on its launch, the backward's data-kernel candidates each on a whole backward
+    (every gradient made, GEMMs included), and the picks give the reference's numbers."""
+    monkeypatch.setattr(kernels, "_use_triton", lambda input: True)
+    monkeypatch.setattr(settings, "interpreting", lambda: False)     # else configs.INTERPRETER
+    monkeypatch.setattr(settings, "autotune", lambda: True)
+    timed, passes = [], []
+
+    def stand_in(fn):
+        fn()
+        timed.append(fn)
+        return 100.0 - len(timed)                     # the last candidate is the fastest
+
+    monkeypatch.setattr(tuning, "bench", stand_in)
+    whole = backward.d2conv_bwd
+
+    def counted(*args, **kwargs):
+        passes.append(kwargs.get("data_config"))
+        return whole(*args, **kwargs)
+
+    monkeypatch.setattr(backward, "d2conv_bwd", counted)
+    case = Case(N=1, C=16, Co=16, T=2, H=3, W=4, mode="xyz")
+    inputs = make_inputs(case)
+    out = apply(case, *inputs)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [t for t in inputs if t is not None], grad_out)
+    ref_out, ref_grads = reference(case, inputs, grad_out)
+    assert rel_err(out, ref_out) < 1e-4
+    for g, ref in zip(grads, [r for r in ref_grads if r is not None]):
+        assert rel_err(g, ref) < 1e-4
+    fwd = len(configs.candidates("FWD", dict(x_ptr=inputs[0], Cog=16, SEG=16,
+                                              DOT_PRECISION="ieee")))
+    data = len([k for k in tuning._memory if k.startswith("BWD_DATA")])
+    assert data == 1 and fwd > 1, (list(tuning._memory), len(timed), passes)
+    # the outer backward, then one whole backward per data-kernel candidate (its config given)
+    assert passes[0] is None and len(passes) == 1 + len(timed) - fwd
+    assert all(config is not None for config in passes[1:])
+    picked = tuning._memory[next(k for k in tuning._memory if k.startswith("BWD_DATA"))]
+    assert picked == passes[-1]                       # the last timed, the stand-in's fastest
