@@ -14,7 +14,8 @@ for cuDNN, cuBLAS and the kernels).
 As test_kernel_speed.py: forward ("fwd") and forward+backward ("fwdbwd"), each op checked
 against the float64 reference (kernels.naive) before it is timed, the CUDA-event median, the
 peak extra memory and the check's relative errors recorded in <gpu>-2d.json among the bench's
-records (records.py). Every case skips without a GPU.
+records (records.py). ``test_captured_forward``: the det64 bf16 forwards replayed from a CUDA
+graph (op "<op>+graph"), the host's share taken out. Every case skips without a GPU.
 """
 import pytest
 import torch
@@ -170,3 +171,26 @@ def test_speed_2d(benchmark, shape, dtype, op, pass_):
     record_timing("-2d.json", dict(shape=shape, dtype=dtype, op=op, **{"pass": pass_},
                                    median_ms=median_ms, peak_extra_mib=peak, rel_errors=errors,
                                    **extra))
+
+
+@pytest.mark.parametrize("op", ["deform_conv2d", "d2conv2d", "dense"])
+def test_captured_forward(benchmark, op):
+    """The det64 bf16 forward captured once in a CUDA graph and replayed: the GPU's time without
+    the host's per-call Python and launches (which bound the eager forward at this shape)."""
+    torch.manual_seed(0)
+    fn, inputs = make(SHAPES["det64"], "bfloat16", op)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):                  # compile (and tune) outside the capture
+            fn(*inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*inputs)
+    graph.replay()
+    torch.testing.assert_close(out, fn(*inputs), rtol=1e-5, atol=1e-5)
+    median_ms, _ = time_case(benchmark, graph.replay, "fwd")
+    record_timing("-2d.json", dict(shape="det64", dtype="bfloat16", op=f"{op}+graph",
+                                   **{"pass": "fwd"}, median_ms=median_ms, peak_extra_mib=None,
+                                   rel_errors=None))

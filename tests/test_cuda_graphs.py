@@ -1,0 +1,80 @@
+"""CUDA graphs: a network of these layers, captured after warm-up (which compiles and tunes the
+kernels), replays equal to eager, forward and forward+backward; so does
+``torch.compile(mode="reduce-overhead")``, which captures graphs itself. GPU only."""
+import pytest
+import torch
+from torch import nn
+
+from d2conv.layers import D2Conv2d, D2Conv3d, DeformConv2d
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def detector_head():
+    """A DCNv2-style 2D head (as a detector's last ResNet stages use them)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(DeformConv2d(64, 64, 3, padding=1, modulation=True), nn.ReLU(),
+                        D2Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                        DeformConv2d(64, 32, 3, padding=1, offset_groups=4, modulation=True))
+    for layer in net:                           # predictors start at zero: move them off it
+        if hasattr(layer, "predictor"):
+            nn.init.normal_(layer.predictor.weight, std=0.01)
+    return net.cuda()
+
+
+def video_block():
+    torch.manual_seed(0)
+    net = nn.Sequential(D2Conv3d(32, 32, 3, padding=1), nn.ReLU(), D2Conv3d(32, 16, 3, padding=1))
+    for layer in net:
+        if hasattr(layer, "predictor"):
+            nn.init.normal_(layer.predictor.weight, std=0.01)
+    return net.cuda()
+
+
+CASES = {"2d": (detector_head, (4, 64, 32, 32)), "3d": (video_block, (2, 32, 4, 16, 16))}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_graph_replay_equals_eager(case, dtype):
+    make, shape = CASES[case]
+    net = make().to(dtype)
+    static_x = torch.randn(shape, device="cuda", dtype=dtype)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):             # warm-up: compile (and tune) outside the capture
+        for _ in range(2):
+            net(static_x).float().square().mean().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    net.zero_grad(set_to_none=False)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = net(static_x)
+        static_out.float().square().mean().backward()
+
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        x = torch.randn(shape, device="cuda", dtype=dtype)
+        static_x.copy_(x)
+        net.zero_grad(set_to_none=False)
+        graph.replay()
+        replayed = static_out.clone(), [p.grad.clone() for p in net.parameters()]
+        net.zero_grad(set_to_none=False)
+        eager = net(x)
+        eager.float().square().mean().backward()
+        torch.testing.assert_close(replayed[0], eager, rtol=1e-5, atol=1e-5)
+        for grad, p in zip(replayed[1], net.parameters()):
+            # the input gradient's fp32 atomics add in another order each run
+            torch.testing.assert_close(grad, p.grad, rtol=1e-3 if dtype == torch.float32 else 2e-2,
+                                       atol=1e-5)
+
+
+def test_compile_reduce_overhead_equals_eager():
+    net = detector_head().eval()
+    compiled = torch.compile(net, mode="reduce-overhead")
+    with torch.no_grad():
+        for seed in range(4):                    # the first calls record, the later replay
+            torch.manual_seed(seed)
+            x = torch.randn(4, 64, 32, 32, device="cuda")
+            torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-5)
