@@ -32,10 +32,11 @@ volume runs without W masks, one whose channel blocks tile C (EVEN_C) without ch
 outside the volume are skipped by a branch uniform over the program. Kernels of up to 27 taps are
 unrolled, larger ones (to 7 x 7 x 7) loop.
 
-Autotuned per kernel and layout among a few candidates, keyed by channels, kernel, stride,
-divisor, dilation, layout and a power-of-two bucket of the output positions (never the exact
-T x H x W: a new video size reuses its bucket's pick); with ``kernels.settings.autotune()`` off
-each kernel launches its first candidate, under the interpreter small blocks.
+Autotuned per kernel and layout among a few candidates (kernels/tuning.py, the picks kept on
+disk), keyed by channels, kernel, stride, divisor, dilation, layout, dtype and a power-of-two
+bucket of the output positions (never the exact T x H x W: a new video size reuses its bucket's
+pick); with ``kernels.settings.autotune()`` off each kernel launches its first candidate, under
+the interpreter small blocks.
 """
 import torch
 import triton
@@ -193,7 +194,7 @@ def depthwise_corr_kernel(
     y_ptr,      # output (N, C, To, Ho, Wo), strides syn, syc, syt, syh, syw
     C, Ti, Hi, Wi, To, Ho, Wo,
     sxn, sxc, sxt, sxh, sxw: tl.constexpr, syn, syc, syt, syh, syw: tl.constexpr, swc, swk,
-    P_BUCKET, CHANNELS_LAST: tl.constexpr,      # read by the autotuner's key only
+    P_BUCKET, CHANNELS_LAST: tl.constexpr,      # read by the tuning key only
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     UD: tl.constexpr, UH: tl.constexpr, UW: tl.constexpr,
@@ -324,7 +325,7 @@ def depthwise_wgrad_kernel(
     C, T, H, W, To, Ho, Wo,
     RUN,        # output rows of a slice (of one (n, to) plane)
     sxn, sxc, sxt, sxh, sxw: tl.constexpr, sgn, sgc, sgt, sgh, sgw: tl.constexpr,
-    P_BUCKET, CHANNELS_LAST: tl.constexpr,      # read by the autotuner's key only
+    P_BUCKET, CHANNELS_LAST: tl.constexpr,      # read by the tuning key only
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
@@ -476,7 +477,7 @@ INTERPRETER = {"corr": {True: _cfg(4, ROWS=2, BLOCK_W=4, BLOCK_C=16, VEC=2),
 REDUCE = _cfg(4, BLOCK_S=64, BLOCK_C=32)
 REDUCE_INTERPRETER = _cfg(4, BLOCK_S=4, BLOCK_C=16)
 
-# the autotuners' keys (Triton adds the tensors' dtypes); never the exact T x H x W
+# the tuning keys (the input's dtype is added); never the exact T x H x W
 _GEOMETRY = ["C", "KD", "KH", "KW", "SD", "SH", "SW", "DD", "DH", "DW", "CHANNELS_LAST",
              "P_BUCKET"]
 KEYS = {"corr": _GEOMETRY + ["UD", "UH", "UW", "FLIP", "HAS_BIAS"],
@@ -496,9 +497,8 @@ def _fit(config, args):
     return triton.Config(meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _prune(configs, named_args, **kwargs):
+def _prune(configs, args):
     """Fit every candidate to the shape; drop the duplicates this makes."""
-    args = {**named_args, **kwargs}     # Triton passes keyword launch arguments in kwargs
     kept = {}
     for config in configs:
         config = _fit(config, args)
@@ -507,24 +507,25 @@ def _prune(configs, named_args, **kwargs):
     return list(kept.values())
 
 
-# their outputs are written by stores only: a trial run leaves nothing to reset
-TUNED = {(kind, layout): triton.autotune(configs, key=KEYS[kind],
-                                         prune_configs_by={"early_config_prune": _prune})(
-             KERNELS[kind])
-         for kind, by_layout in CANDIDATES.items() for layout, configs in by_layout.items()}
-
-
 def _launch(kind, channels_last, grid, args):
-    """Launch a kernel through its autotuner, or with its first candidate when not tuning (its
-    interpreter config under the interpreter)."""
+    """Launch a kernel with its tuned config (``tuning.pick``, timing each candidate on this
+    launch: its outputs are written by stores only, so a trial leaves nothing to reset), or its
+    first candidate when not tuning (its interpreter config under the interpreter)."""
     if settings.interpreting():
-        config = INTERPRETER[kind][channels_last]
+        config = _fit(INTERPRETER[kind][channels_last], args)
     elif not settings.autotune():
-        config = CANDIDATES[kind][channels_last][0]
+        config = _fit(CANDIDATES[kind][channels_last][0], args)
     else:
-        TUNED[kind, channels_last][grid](**args)
-        return
-    config = _fit(config, args)
+        from . import tuning
+
+        dtype = next(str(v.dtype) for v in args.values() if isinstance(v, torch.Tensor))
+        config = tuning.pick(f"DEPTHWISE_{kind.upper()}", (*(args[k] for k in KEYS[kind]), dtype),
+                             _prune(CANDIDATES[kind][channels_last], args),
+                             lambda config: _run(kind, grid, args, config))
+    _run(kind, grid, args, config)
+
+
+def _run(kind, grid, args, config):
     KERNELS[kind][grid](**args, **config.kwargs, num_warps=config.num_warps,
                         num_stages=config.num_stages)
 

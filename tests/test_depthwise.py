@@ -216,34 +216,40 @@ def test_weight_gradient_is_deterministic():
 
 @pytest.mark.skipif(ON_GPU or not settings.interpreting(),
                     reason="the interpreter stands in for the GPU's autotuned launches")
-def test_autotuned_launches(monkeypatch):
+def test_autotuned_launches(monkeypatch, tmp_path):
     """The autotuned path, a GPU's default, under the interpreter with a stand-in timer: every
     candidate fitted to the shape runs, the one timed fastest (the last) is launched, and the
     results agree with the reference."""
-    from kernels import depthwise
+    from kernels import depthwise, tuning
 
     class Tuning:
         interpreting = staticmethod(lambda: False)
         autotune = staticmethod(lambda: True)
 
     monkeypatch.setattr(depthwise, "settings", Tuning)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
     timed = []
 
-    def stand_in(call, quantiles):
+    def stand_in(call):
         call()
         timed.append(call)
-        return [1000.0 - len(timed)] * 3
+        return 1000.0 - len(timed)
 
-    for tuner in depthwise.TUNED.values():
-        monkeypatch.setattr(tuner, "_do_bench", stand_in)
-        monkeypatch.setattr(tuner, "cache", {})
-    for channels_last in (True, False):
-        check(Case(C=8, H=3, W=5), channels_last=channels_last)
-    # per layout: the forward's and the input gradient's picks (keys apart by FLIP), the weight
-    # gradient's; each from several candidates
-    assert {key: len(tuner.cache) for key, tuner in depthwise.TUNED.items()} == {
-        ("corr", True): 2, ("corr", False): 2, ("wgrad", True): 1, ("wgrad", False): 1}
-    assert len(timed) > 12
+    monkeypatch.setattr(tuning, "bench", stand_in)
+    tuning.forget()
+    try:
+        with settings.override(tune_cache=str(tmp_path)):
+            for channels_last in (True, False):
+                check(Case(C=8, H=3, W=5), channels_last=channels_last)
+        picks = {name.split("|")[0] for name in tuning._memory}
+        # per layout: the forward's and the input gradient's picks (keys apart by FLIP), the
+        # weight gradient's; each from several candidates
+        assert picks == {"DEPTHWISE_CORR", "DEPTHWISE_WGRAD"}
+        assert sum(name.startswith("DEPTHWISE_CORR") for name in tuning._memory) == 4
+        assert sum(name.startswith("DEPTHWISE_WGRAD") for name in tuning._memory) == 2
+        assert len(timed) > 12
+    finally:
+        tuning.forget()
 
 
 @pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "ncdhw"])
