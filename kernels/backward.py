@@ -150,7 +150,6 @@ def d2conv_bwd_data_kernel(
             tl.store(gcoord_ptr + coord_row + ch * L, g_s, mask=m_ok)
 
 
-
 def points_per_launch(M, C, K, itemsize):
     """Kernel points per data-kernel launch: as many as settings.gcol_bytes() of columns hold (at
     least one). Fewer launches are faster but hold more memory: at rf2 in bf16 one kernel

@@ -131,7 +131,6 @@ class Conv3dFunction(torch.autograd.Function):
         return grads + (None, None)
 
 
-
 def _empty_or(needed, make, like):
     """``make()`` where a gradient is needed, else a distinct empty tensor (custom-op outputs
     may not alias each other)."""
