@@ -19,8 +19,8 @@ import torch
 
 from d2conv.checkpoints import load_checkpoint
 from d2conv.config import CHOICES, DESCRIPTIONS, FIELDS, PRESETS, make_config
-from d2conv.errors import (ArgumentParser, BadInput, InputError, MissingInput, Terminated, exit_status,
-                           int_range, on_sigterm, positive_float)
+from d2conv.errors import (ArgumentParser, BadInput, InputError, MissingInput, Terminated,
+                           exit_status, int_range, on_sigterm, positive_float)
 from d2conv.model import DECODER_CONVS
 from d2conv.trainer import NonFiniteLoss, Trainer, minutes, scores_line
 

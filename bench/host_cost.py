@@ -11,10 +11,11 @@ replaced by a no-op; a launch itself is Triton's cost, apart. Shapes: the 2D det
 the GPU, whose torch ops only queue their kernels. ``--device cpu`` (the default without a GPU)
 runs CPU tensors through the path CUDA tensors take, at one sample, 16 channels and a 1-voxel
 (1-pixel) input, where the torch ops' arithmetic is negligible (the backward's column gradient is
-one chunk, as at rf3; det64 makes two): the Python and dispatch cost alone. Prints the median µs of a forward
-and of a forward+backward over ``--calls`` calls (after as many warm-up calls), and with
-``--profile`` the functions that take the most of it; writes <GPU or CPU>-host-cost.json among
-the bench's records (records.py), with the CPU's model.
+one chunk, as at rf3; det64 makes two): the Python and dispatch cost alone. Prints the median
+µs of a forward and of a forward+backward over ``--calls`` calls (after as many warm-up calls),
+and with ``--profile`` the functions that take the most of it; writes <GPU or
+CPU>-host-cost.json among the bench's records (records.py), with the CPU's model and the commit
+measured.
 """
 import argparse
 import cProfile

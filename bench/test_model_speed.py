@@ -4,8 +4,9 @@ ir-CSN-152 with backbone checkpointing (docs/model.md), batch 2 of 8x480x864 cli
 autocast, Adam, gradient clipping (docs/training.md), with the dense 3DC-Seg decoder and with
 D²Conv3D (xyz, modulated, in rf2 and rf3); each as the trainer runs it ("triton": the model's
 Triton GroupNorm and depthwise convolutions, channels-last-3d through ``d2conv.model.to_device``)
-and as it ran before those kernels ("pytorch": profile_model.pytorch_ops, contiguous). Records the median step time, the peak memory and the
-parameter counts in <gpu>-model.json among the bench's records (records.py).
+and as it ran before those kernels ("pytorch": profile_model.pytorch_ops, contiguous). Records
+the median step time, the peak memory and the parameter counts in <gpu>-model.json among the
+bench's records (records.py).
 """
 import contextlib
 import time

@@ -1,6 +1,6 @@
 """Trainer checkpoints: read without running anything in them, and loaded strictly.
 
-    state = load_checkpoint("runs/x/best.pt")      # dict: model, optimizer, scheduler, rng, config..
+    state = load_checkpoint("runs/x/best.pt")    # model, optimizer, scheduler, rng, config, ...
     load_weights(model, state["model"], "runs/x/best.pt")
 
 A checkpoint is a pickle, and a pickle can name any function to call while it is read; a

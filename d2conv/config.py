@@ -15,8 +15,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from .backbones import BACKBONES
 from .model import DECODER_CONVS, EncoderDecoder
 
-__all__ = ["TrainConfig", "FIELDS", "PRESETS", "DESCRIPTIONS", "CHOICES", "make_config", "from_dict",
-           "build_model"]
+__all__ = ["TrainConfig", "FIELDS", "PRESETS", "DESCRIPTIONS", "CHOICES", "make_config",
+           "from_dict", "build_model"]
 
 
 @dataclass

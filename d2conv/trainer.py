@@ -93,7 +93,8 @@ def save_atomic(obj, path):
 
 
 def rng_state():
-    """Every RNG's state in types ``torch.load(weights_only=True)`` reads (numpy's key as a list)."""
+    """Every RNG's state in types ``torch.load(weights_only=True)`` reads (numpy's key as a
+    list)."""
     name, key, pos, has_gauss, cached = np.random.get_state()
     return dict(python=random.getstate(),
                 numpy=(name, key.tolist(), int(pos), int(has_gauss), float(cached)),

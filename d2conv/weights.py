@@ -91,8 +91,8 @@ class CaffeBlobUnpickler(pickle.Unpickler):
     dtypes, and ``_codecs.encode`` (which Python 3's protocol-2 pickles use to write bytes).
     Any other global raises UnpicklingError naming it, before anything is called."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
