@@ -3,9 +3,10 @@ the GPU's work.
 
     PYTHONPATH=. python bench/host_cost.py [--device cpu|cuda] [--calls 3000] [--profile]
 
-Argument checks, geometry, the autograd graph, allocations and the torch ops that lay out the
-kernels' operands, with ``configs.launch`` (every Triton and Gluon launch of the D²Conv ops)
-replaced by a no-op; a launch itself is Triton's cost, apart. Shapes: the 2D det64 (8, 256 ->
+Argument checks, geometry, the autograd graph, allocations, the config's choice and the torch
+ops that lay out the kernels' operands, with every Triton and Gluon launch of the D²Conv ops
+(``configs._launch``) a no-op; a launch itself is Triton's cost, apart. ``--tuned``: with
+autotuning on, once each pick is remembered (the first call "times" every candidate at 1 ms). Shapes: the 2D det64 (8, 256 ->
 256, 64x64, 3x3, padding 1, mask; ``kernels.deform_conv2d``) and the 3D rf3 (2, 256 -> 256,
 2x30x54, 3x3x3, padding 1, mask; ``kernels.d2conv3d`` xyz), bf16. ``--device cuda`` runs them on
 the GPU, whose torch ops only queue their kernels. ``--device cpu`` (the default without a GPU)
@@ -27,7 +28,7 @@ import time
 import torch
 
 import kernels
-from kernels import configs, settings
+from kernels import configs, settings, tuning
 
 SHAPES = {  # name: (op, N, C, Co, spatial size)
     "det64": ("deform_conv2d", 8, 256, 256, (64, 64)),
@@ -78,34 +79,37 @@ def median_us(call, calls, device):
 
 
 class stubbed_launches:
-    """``configs.launch`` a no-op, and CPU tensors on the kernels' path, for a while. On the CPU
-    nothing can be tuned: each kernel's default config is taken, as a tuned process takes its
-    remembered pick after the first call."""
+    """``configs.launch``'s kernel launches no-ops, and CPU tensors on the kernels' path, for a
+    while. ``tuned``: autotuning on, every candidate "timed" at 1 ms on its first call (on a CPU
+    nothing can be timed), so later calls take the remembered pick, as a tuned process does;
+    otherwise each kernel's default config."""
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, tuned):
+        self.tuned = tuned
 
     def __enter__(self):
-        self.saved = configs.launch, kernels._use_triton
-        configs.launch = lambda *args, **kwargs: None
+        self.saved = configs._launch, kernels._use_triton, tuning.bench
+        configs._launch = lambda *args, **kwargs: None
         kernels._use_triton = lambda input: True
-        if self.device == "cpu":
-            settings.configure(autotune=False)
+        tuning.bench = lambda fn: (fn(), 1.0)[1]
+        settings.configure(autotune=self.tuned, tune_cache="off")
         return self
 
     def __exit__(self, *exc):
-        configs.launch, kernels._use_triton = self.saved
-        settings.configure(autotune=None)
+        configs._launch, kernels._use_triton, tuning.bench = self.saved
+        settings.configure(autotune=None, tune_cache=None)
+        tuning.forget()
 
 
-def measure(device, calls, profile):
+def measure(device, calls, profile, tuned):
     rows = []
-    with stubbed_launches(device):
+    with stubbed_launches(tuned):
         for shape in SHAPES:
             for pass_ in ("fwd", "fwdbwd"):
                 call = one_call(*inputs(shape, device), pass_)
                 us = median_us(call, calls, device)
-                rows.append(dict(shape=shape, op=SHAPES[shape][0], **{"pass": pass_}, host_us=us))
+                rows.append(dict(shape=shape, op=SHAPES[shape][0], **{"pass": pass_}, host_us=us,
+                                 tuned=tuned))
                 print(f"{shape:6} {pass_:7} {us:8.1f} µs", flush=True)
                 if profile:
                     profiler = cProfile.Profile()
@@ -121,11 +125,14 @@ def main():
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--profile", action="store_true",
                         help="print the functions taking the most host time")
+    parser.add_argument("--tuned", action="store_true",
+                        help="autotuning on (the picks remembered after the first call); "
+                             "default: each kernel's default config")
     parser.add_argument("--no-record", action="store_true", help="print only")
     parser.add_argument("--commit", default="",
                         help="the code measured, as the record names it (default: git's HEAD)")
     args = parser.parse_args()
-    rows = measure(args.device, args.calls, args.profile)
+    rows = measure(args.device, args.calls, args.profile, args.tuned)
     if args.no_record:
         return
     import triton
@@ -145,7 +152,7 @@ def main():
         merge(f"{name}-host-cost.json",
               dict(row, device=args.device, cpu=cpu, commit=commit, torch=torch.__version__,
                    triton=triton.__version__, date=time.strftime("%Y-%m-%d")),
-              key=("cpu", "device", "commit", "shape", "pass"))
+              key=("cpu", "device", "commit", "tuned", "shape", "pass"))
     print(f"wrote {name}-host-cost.json")
 
 

@@ -199,15 +199,16 @@ def tuned_configs(data_args, pull, run_data_kernel, run):
     from . import tuning
 
     extra = (settings.gcol_bytes(), pull)       # what else the whole backward's time depends on
-    if data is None:
-        options = configs.candidates("BWD_DATA", data_args)
+    if data is None and not run_data_kernel:
+        data = configs.candidates("BWD_DATA", data_args)[0]       # not launched: not timed
+    elif data is None:
         first_pulled = (pulled or configs.candidates("BWD_INPUT", data_args)[0]) if pull else None
-        data = (tuning.pick("BWD_DATA", configs.tune_key("BWD_DATA", data_args, *extra), options,
-                            lambda config: run(config, first_pulled))
-                if run_data_kernel else options[0])
+        data = tuning.pick("BWD_DATA", configs.tune_key("BWD_DATA", data_args, *extra),
+                           lambda: configs.candidates("BWD_DATA", data_args),
+                           lambda config: run(config, first_pulled))
     if pull and pulled is None:
         pulled = tuning.pick("BWD_INPUT", configs.tune_key("BWD_INPUT", data_args, *extra),
-                             configs.candidates("BWD_INPUT", data_args),
+                             lambda: configs.candidates("BWD_INPUT", data_args),
                              lambda config: run(data, config))
     return data, pulled
 

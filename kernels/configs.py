@@ -201,7 +201,7 @@ def launch(kernel_fn, name, grid, args, config=None, pre_hook=None):
     if config is None:
         from . import tuning
 
-        config = tuning.pick(name, tune_key(name, args), candidates(name, args),
+        config = tuning.pick(name, tune_key(name, args), lambda: candidates(name, args),
                              lambda c: _launch(kernel_fn, grid, args, c, pre_hook))
     _launch(kernel_fn, grid, args, config, pre_hook)
 

@@ -520,7 +520,7 @@ def _launch(kind, channels_last, grid, args):
 
         dtype = next(str(v.dtype) for v in args.values() if isinstance(v, torch.Tensor))
         config = tuning.pick(f"DEPTHWISE_{kind.upper()}", (*(args[k] for k in KEYS[kind]), dtype),
-                             _prune(CANDIDATES[kind][channels_last], args),
+                             lambda: _prune(CANDIDATES[kind][channels_last], args),
                              lambda config: _run(kind, grid, args, config))
     _run(kind, grid, args, config)
 

@@ -29,7 +29,7 @@ from . import settings
 
 __all__ = ["pick", "cache_file", "source_hash", "forget"]
 
-_memory = {}            # "<kernel>|<key>" -> config, this process's picks
+_memory = {}            # (kernel, key) -> config, this process's picks
 _loaded = {}            # cache file -> its picks as read ({} when missing or unreadable)
 
 
@@ -113,15 +113,18 @@ def bench(fn):
 
 
 def pick(kernel, key, candidates, run):
-    """The config among ``candidates`` (triton.Config) under which ``run(config)`` is fastest, for
-    this ``kernel`` name and ``key`` (a tuple of what the pick depends on): from memory, else from
-    the cache file, else timed now and kept in both. A candidate that fails to compile (too many
-    registers or too much shared memory for this GPU) is skipped."""
+    """The config among ``candidates()`` (triton.Configs; called on a miss only) under which
+    ``run(config)`` is fastest, for this ``kernel`` name and ``key`` (a tuple of what the pick
+    depends on): from memory, else from the cache file, else timed now and kept in both. A
+    candidate that fails to compile (too many registers or too much shared memory for this GPU)
+    is skipped."""
     import triton
 
+    found = _memory.get((kernel, key))          # a call's cost once tuned: this lookup
+    if found is not None:
+        return found
     name = f"{kernel}|{'|'.join(map(str, key))}"
-    if name in _memory:
-        return _memory[name]
+    candidates = candidates()
     path = cache_file()
     if len(candidates) == 1:
         best = candidates[0]
@@ -139,5 +142,5 @@ def pick(kernel, key, candidates, run):
             best = candidates[min(range(len(times)), key=times.__getitem__)]
             if path is not None:
                 _write(path, name, _to_dict(best))
-    _memory[name] = best
+    _memory[kernel, key] = best
     return best

@@ -44,28 +44,28 @@ def test_the_fastest_is_picked_and_remembered_across_processes(cache, monkeypatc
     ran = []
     timer = Timer([3.0, 1.0, 2.0])
     monkeypatch.setattr(tuning, "bench", timer)
-    best = tuning.pick("FWD", (256, "bf16"), CANDIDATES, ran.append)
+    best = tuning.pick("FWD", (256, "bf16"), lambda: CANDIDATES, ran.append)
     assert best is CANDIDATES[1] and ran == CANDIDATES and timer.calls == 3
-    assert tuning.pick("FWD", (256, "bf16"), CANDIDATES, ran.append) is best   # in memory
+    assert tuning.pick("FWD", (256, "bf16"), lambda: CANDIDATES, ran.append) is best   # in memory
     (path,) = cache.glob("*.json")
     assert path.name == (f"NVIDIA_H200-triton{triton.__version__}-{tuning.source_hash()}.json")
     assert json.loads(path.read_text()) == {"FWD|256|bf16": dict(BLOCK=32, num_warps=4,
                                                                  num_stages=1, maxnreg=None)}
     tuning.forget()                                  # as a new process: read from the disk
-    assert tuning.pick("FWD", (256, "bf16"), CANDIDATES, ran.append) == CANDIDATES[1]
+    assert tuning.pick("FWD", (256, "bf16"), lambda: CANDIDATES, ran.append) == CANDIDATES[1]
     assert timer.calls == 3 and len(ran) == 3
     # another key is tuned and added beside the first
     monkeypatch.setattr(tuning, "bench", Timer([1.0, 2.0, 3.0]))
-    assert tuning.pick("FWD", (512, "bf16"), CANDIDATES, ran.append) is CANDIDATES[0]
+    assert tuning.pick("FWD", (512, "bf16"), lambda: CANDIDATES, ran.append) is CANDIDATES[0]
     assert set(json.loads(path.read_text())) == {"FWD|256|bf16", "FWD|512|bf16"}
 
 
 def test_a_changed_source_or_gpu_is_tuned_again(cache, monkeypatch):
     monkeypatch.setattr(tuning, "bench", Timer([3.0, 1.0, 2.0, 1.0, 2.0, 3.0]))
-    tuning.pick("FWD", (1,), CANDIDATES, lambda c: None)
+    tuning.pick("FWD", (1,), lambda: CANDIDATES, lambda c: None)
     tuning.forget()
     monkeypatch.setattr(tuning, "_source_hash", "0123456789ab")     # an edited kernel
-    assert tuning.pick("FWD", (1,), CANDIDATES, lambda c: None) is CANDIDATES[0]
+    assert tuning.pick("FWD", (1,), lambda: CANDIDATES, lambda c: None) is CANDIDATES[0]
     assert len(list(cache.glob("*.json"))) == 2
 
 
@@ -73,14 +73,14 @@ def test_an_unreadable_file_is_tuned_over_and_off_keeps_nothing(cache, monkeypat
     path = tuning.cache_file()
     path.write_text("{not json")
     monkeypatch.setattr(tuning, "bench", Timer([2.0, 1.0, 3.0]))
-    assert tuning.pick("FWD", (1,), CANDIDATES, lambda c: None) is CANDIDATES[1]
+    assert tuning.pick("FWD", (1,), lambda: CANDIDATES, lambda c: None) is CANDIDATES[1]
     assert json.loads(path.read_text()) == {"FWD|1": dict(BLOCK=32, num_warps=4, num_stages=1,
                                                           maxnreg=None)}
     tuning.forget()
     with settings.override(tune_cache="off"):
         assert tuning.cache_file() is None
         monkeypatch.setattr(tuning, "bench", Timer([2.0, 3.0, 1.0]))
-        assert tuning.pick("FWD", (2,), CANDIDATES, lambda c: None) is CANDIDATES[2]
+        assert tuning.pick("FWD", (2,), lambda: CANDIDATES, lambda c: None) is CANDIDATES[2]
     assert "FWD|2" not in json.loads(path.read_text())
 
 
@@ -90,7 +90,7 @@ def test_a_candidate_that_does_not_compile_is_skipped(cache, monkeypatch):
             raise triton.OutOfResources(300000, 232448, "shared memory")
 
     monkeypatch.setattr(tuning, "bench", lambda fn: (fn(), 1.0)[1])
-    assert tuning.pick("FWD", (1,), CANDIDATES, run) is CANDIDATES[1]
+    assert tuning.pick("FWD", (1,), lambda: CANDIDATES, run) is CANDIDATES[1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or not settings.interpreting(),
@@ -128,10 +128,10 @@ def test_tuned_calls_time_whole_passes_and_agree_with_the_reference(cache, monke
         assert rel_err(g, ref) < 1e-4
     fwd = len(configs.candidates("FWD", dict(x_ptr=inputs[0], Cog=16, SEG=16,
                                               DOT_PRECISION="ieee")))
-    data = len([k for k in tuning._memory if k.startswith("BWD_DATA")])
+    data = len([k for k in tuning._memory if k[0] == "BWD_DATA"])
     assert data == 1 and fwd > 1, (list(tuning._memory), len(timed), passes)
     # the outer backward, then one whole backward per data-kernel candidate (its config given)
     assert passes[0] is None and len(passes) == 1 + len(timed) - fwd
     assert all(config is not None for config in passes[1:])
-    picked = tuning._memory[next(k for k in tuning._memory if k.startswith("BWD_DATA"))]
+    picked = tuning._memory[next(k for k in tuning._memory if k[0] == "BWD_DATA")]
     assert picked == passes[-1]                       # the last timed, the stand-in's fastest
