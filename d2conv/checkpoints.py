@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import BadInput, MissingInput
+from .errors import BadInput, MissingInput, first_line
 
 try:
     from numpy._core import multiarray as numpy_multiarray          # numpy 2
@@ -53,8 +53,8 @@ def load_checkpoint(path) -> dict:
                        f"checkpoint never holds and which could run code; nothing in it ran"
                        ) from None
     except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BadInput(f"cannot read the checkpoint {path}: {first}") from None
+        raise BadInput(f"cannot read the checkpoint {path}: "
+                       f"{first_line(error) or type(error).__name__}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise BadInput(f"{path} is not a trainer checkpoint (no 'model' and 'config')")
     if not isinstance(state["config"], dict):

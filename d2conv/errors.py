@@ -16,7 +16,7 @@ import signal
 import sys
 
 __all__ = ["InputError", "MissingInput", "BadInput", "Terminated", "on_sigterm", "message",
-           "exit_status", "ArgumentParser", "int_range", "positive_float"]
+           "first_line", "exit_status", "ArgumentParser", "int_range", "positive_float"]
 
 
 class InputError(Exception):
@@ -39,6 +39,12 @@ def message(error: BaseException) -> str:
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     return text
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message ("" for none): a library's error in one line."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 class Terminated(KeyboardInterrupt):

@@ -27,7 +27,7 @@ import torch
 
 from d2conv.backbones import BACKBONES, IrCSN
 from d2conv.checkpoints import load_weights, numpy_multiarray
-from d2conv.errors import BadInput, MissingInput
+from d2conv.errors import BadInput, MissingInput, first_line
 
 __all__ = ["DEPTHS", "UNUSED_PREFIX", "blob_map", "convert", "CaffeBlobUnpickler",
            "load_caffe2_pickle", "load_backbone_weights", "main"]
@@ -121,7 +121,7 @@ def load_caffe2_pickle(path) -> dict:
         raise BadInput(f"{where} is refused: {e}; nothing in it ran") from None
     except Exception as e:                          # truncated or not a pickle at all
         raise BadInput(f"{where} is not a readable Caffe2 pickle ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+                       f"{first_line(e) or 'no detail'})") from None
     if not isinstance(data, dict) or not isinstance(data.get("blobs"), dict):
         raise BadInput(f"{where} has no 'blobs' dict (is it a VMZ Caffe2 pickle?)")
     return data["blobs"]
@@ -138,8 +138,8 @@ def load_backbone_weights(model: IrCSN, path) -> IrCSN:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BadInput(f"{where} is not a converted backbone state dict: {first}") from None
+            raise BadInput(f"{where} is not a converted backbone state dict: "
+                           f"{first_line(e) or type(e).__name__}") from None
         if isinstance(state, dict) and "model" in state and "config" in state:
             raise BadInput(f"{where} is a trainer checkpoint, not backbone weights: evaluate it "
                            f"with evaluate.py --checkpoint, or go on with train.py --resume")
