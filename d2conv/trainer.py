@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 import kernels
+from kernels import tuning
 
 from .checkpoints import load_checkpoint, load_weights
 from .config import build_model
@@ -293,7 +294,7 @@ class Trainer:
         loader_args = dict(batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
                            num_workers=min(cfg.workers, len(os.sched_getaffinity(0))),
                            pin_memory=self.device.type == "cuda")
-        self.started, self._timed_from = time.time(), None
+        self.started, self._timed_from, self._first_step_done = time.time(), None, None
         try:
             while self.epoch < cfg.epochs and not self._done():
                 self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
@@ -305,6 +306,8 @@ class Trainer:
                 tick, clips = time.time(), 0
                 for batch in bar:
                     loss = self.train_step(batch)
+                    if self._first_step_done is None:
+                        self._report_first_step()
                     self.step += 1
                     self.batch_in_epoch += 1
                     clips += batch["clip"].shape[0] * self.world
@@ -344,6 +347,27 @@ class Trainer:
             self.evaluate()
             self.save("last.pt")
         return self.summary()
+
+    def _report_first_step(self):
+        """On a GPU, how long this process's first step took and how much of it went to tuning
+        the kernels (a new shape's candidates are compiled and timed once, then read from the
+        cache file)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._first_step_done = time.time()
+        if self.device.type != "cuda":
+            return
+        tuned = tuning.stats()
+        seconds = self._first_step_done - self.started
+        if tuned["timed"]:
+            what = (f"{tuned['seconds']:.1f} s of it tuning the kernels for {tuned['timed']} "
+                    f"new shapes" + (f", kept in {tuned['file']}" if tuned["file"] else ""))
+        elif tuned["read"]:
+            what = f"the kernels' configs for {tuned['read']} shapes read from {tuned['file']}"
+        else:
+            what = "the kernels at their default configs" if not kernels.settings.autotune() \
+                else "nothing tuned"
+        self.print(f"first step: {seconds:.1f} s ({what})")
 
     def _progress_line(self, loss, lr, rate):
         """A plain log line, where no progress bar is drawn (output to a file or a pipe). The

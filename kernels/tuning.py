@@ -14,23 +14,29 @@ Picks are kept in memory and in one JSON file per GPU model, Triton version and 
 ``settings.tune_cache()`` (``D2CONV_TUNE_CACHE``; "off" keeps nothing on disk), so a second
 process tunes nothing the first did. The file maps "<kernel>|<key>" to the config; a file that
 cannot be read is tuned over and rewritten; writes are atomic.
+
+Tuning a new shape takes seconds (every candidate is compiled), so the first time a process times
+candidates it says so on stderr, once; ``stats()`` counts what was timed and read.
 """
 import hashlib
 import json
 import math
 import os
 import re
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from . import settings
 
-__all__ = ["pick", "cache_file", "source_hash", "forget"]
+__all__ = ["pick", "cache_file", "source_hash", "forget", "stats"]
 
 _memory = {}            # (kernel, key) -> config, this process's picks
 _loaded = {}            # cache file -> its picks as read ({} when missing or unreadable)
+_stats = dict(timed=0, read=0, seconds=0.0)     # this process's picks: timed, read from the file
 
 
 def source_hash():
@@ -62,6 +68,21 @@ def forget():
     """Drop this process's picks and the files read (the next pick reads the disk again)."""
     _memory.clear()
     _loaded.clear()
+    _stats.update(timed=0, read=0, seconds=0.0)
+
+
+def stats():
+    """This process's picks so far: dict(timed=how many were timed, seconds=spent timing them,
+    compiles included, read=how many came from the cache file, file=its path or None)."""
+    return dict(_stats, file=cache_file() if torch.cuda.is_available() else None)
+
+
+def _announce(path):
+    """One line on stderr before the first candidates this process times."""
+    if _stats["timed"] == 0:
+        where = f"kept in {path}" if path is not None else "not kept: D2CONV_TUNE_CACHE=off"
+        print(f"d2conv: tuning the kernels for new shapes on this GPU, a few seconds each ({where}"
+              f"; D2CONV_AUTOTUNE=0 skips it)", file=sys.stderr, flush=True)
 
 
 def _to_dict(config):
@@ -131,8 +152,10 @@ def pick(kernel, key, candidates, run):
     else:
         entry = _read(path).get(name) if path is not None else None
         best = next((c for c in candidates if entry is not None and _same(c, entry)), None)
+        _stats["read"] += best is not None
         if best is None:
-            times = []
+            _announce(path)
+            start, times = time.perf_counter(), []
             for config in candidates:
                 try:
                     times.append(bench(lambda: run(config)))
@@ -140,6 +163,8 @@ def pick(kernel, key, candidates, run):
                         triton.runtime.errors.PTXASError):
                     times.append(math.inf)
             best = candidates[min(range(len(times)), key=times.__getitem__)]
+            _stats["timed"] += 1
+            _stats["seconds"] += time.perf_counter() - start
             if path is not None:
                 _write(path, name, _to_dict(best))
     _memory[kernel, key] = best

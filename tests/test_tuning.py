@@ -84,6 +84,23 @@ def test_an_unreadable_file_is_tuned_over_and_off_keeps_nothing(cache, monkeypat
     assert "FWD|2" not in json.loads(path.read_text())
 
 
+def test_the_first_timing_is_announced_once_and_counted(cache, monkeypatch, capsys):
+    """A process that times candidates says so on stderr once, with where the picks are kept;
+    stats() counts picks timed and read."""
+    monkeypatch.setattr(tuning, "bench", Timer([3.0, 1.0, 2.0, 2.0, 1.0, 3.0]))
+    tuning.pick("FWD", (1,), lambda: CANDIDATES, lambda c: None)
+    tuning.pick("FWD", (2,), lambda: CANDIDATES, lambda c: None)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and str(tuning.cache_file()) in lines[0]
+    stats = tuning.stats()
+    assert (stats["timed"], stats["read"]) == (2, 0) and stats["seconds"] >= 0
+    tuning.forget()                                  # as a new process: both from the file
+    tuning.pick("FWD", (1,), lambda: CANDIDATES, lambda c: None)
+    tuning.pick("FWD", (2,), lambda: CANDIDATES, lambda c: None)
+    assert (tuning.stats()["timed"], tuning.stats()["read"]) == (0, 2)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_candidate_that_does_not_compile_is_skipped(cache, monkeypatch):
     def run(config):
         if config.kwargs["BLOCK"] == 16:
