@@ -14,7 +14,7 @@ small configs.
 import torch
 import triton
 
-from . import settings
+from . import settings, tuning
 from .launch import next_power_of_2
 
 # the launch parameters of a config (the rest of its parameters are the kernel's meta-parameters);
@@ -199,8 +199,6 @@ def launch(kernel_fn, name, grid, args, config=None, pre_hook=None):
     if config is None:
         config = pinned(name, args)
     if config is None:
-        from . import tuning
-
         config = tuning.pick(name, tune_key(name, args), lambda: candidates(name, args),
                              lambda c: _launch(kernel_fn, grid, args, c, pre_hook))
     _launch(kernel_fn, grid, args, config, pre_hook)
@@ -212,4 +210,4 @@ def _launch(kernel_fn, grid, args, config, pre_hook):
     launch_options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     if config.maxnreg is not None:
         launch_options["maxnreg"] = config.maxnreg
-    kernel_fn[grid](**args, **config.kwargs, **launch_options)
+    tuning.launch(kernel_fn, grid, **args, **config.kwargs, **launch_options)

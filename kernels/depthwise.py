@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import settings
+from . import settings, tuning
 from .launch import cdiv, next_power_of_2
 from .ops import _depthwise_format
 
@@ -516,8 +516,6 @@ def _launch(kind, channels_last, grid, args):
     elif not settings.autotune():
         config = _fit(CANDIDATES[kind][channels_last][0], args)
     else:
-        from . import tuning
-
         dtype = next(str(v.dtype) for v in args.values() if isinstance(v, torch.Tensor))
         config = tuning.pick(f"DEPTHWISE_{kind.upper()}", (*(args[k] for k in KEYS[kind]), dtype),
                              lambda: _prune(CANDIDATES[kind][channels_last], args),
@@ -526,8 +524,8 @@ def _launch(kind, channels_last, grid, args):
 
 
 def _run(kind, grid, args, config):
-    KERNELS[kind][grid](**args, **config.kwargs, num_warps=config.num_warps,
-                        num_stages=config.num_stages)
+    tuning.launch(KERNELS[kind], grid, **args, **config.kwargs, num_warps=config.num_warps,
+                  num_stages=config.num_stages)
 
 
 def _in_format(t, memory_format):

@@ -152,3 +152,35 @@ def test_tuned_calls_time_whole_passes_and_agree_with_the_reference(cache, monke
     assert all(config is not None for config in passes[1:])
     picked = tuning._memory[next(k for k in tuning._memory if k[0] == "BWD_DATA")]
     assert picked == passes[-1]                       # the last timed, the stand-in's fastest
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles for the GPU")
+def test_candidates_are_compiled_ahead_and_the_pick_agrees(cache, monkeypatch):
+    """On a GPU every candidate of a new shape is compiled (on a pool of threads) before the
+    first is timed, and the tuned forward and backward equal the reference."""
+    from kernels import forward
+
+    def compiled():
+        return sum(len(caches[0]) for caches in forward.d2conv_fwd_kernel.device_caches.values())
+
+    before, at_first_timing = compiled(), []
+    real_bench = tuning.bench
+
+    def spy(fn):
+        if not at_first_timing:
+            at_first_timing.append(compiled())
+        return real_bench(fn)
+
+    monkeypatch.setattr(tuning, "bench", spy)
+    case = Case(N=1, C=40, Co=48, T=2, H=6, W=7, mode="xyz")      # a shape no other test has
+    inputs = make_inputs(case)
+    with settings.override(autotune=True, forward="triton"):
+        out = apply(case, *inputs)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [t for t in inputs if t is not None], grad_out)
+    assert at_first_timing and at_first_timing[0] - before >= 2
+    assert compiled() == at_first_timing[0]          # nothing was left to compile while timing
+    ref_out, ref_grads = reference(case, inputs, grad_out)
+    assert rel_err(out, ref_out) < 1e-4
+    for g, ref in zip(grads, [r for r in ref_grads if r is not None]):
+        assert rel_err(g, ref) < 1e-4
