@@ -15,10 +15,16 @@ from kernels import backward, configs, settings, tuning
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
+COMPILE_AHEAD = tuning._compile_ahead
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """Picks kept under tmp_path, on a GPU named as an H200, with nothing remembered yet."""
+    """Picks kept under tmp_path, on a GPU named as an H200, with nothing remembered yet; no
+    compiling ahead (on a GPU it runs each candidate's pass once more, before the stand-in
+    timer's)."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(tuning, "_compile_ahead", lambda candidates, run: None)
     tuning.forget()
     with settings.override(tune_cache=str(tmp_path)):
         yield tmp_path
@@ -163,6 +169,7 @@ def test_candidates_are_compiled_ahead_and_the_pick_agrees(cache, monkeypatch):
     def compiled():
         return sum(len(caches[0]) for caches in forward.d2conv_fwd_kernel.device_caches.values())
 
+    monkeypatch.setattr(tuning, "_compile_ahead", COMPILE_AHEAD)       # the fixture's stub off
     before, at_first_timing = compiled(), []
     real_bench = tuning.bench
 
