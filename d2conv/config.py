@@ -94,7 +94,8 @@ DESCRIPTIONS = {
     "tiny": ("ir-CSN-tiny trained from scratch on the synthetic videos at 64x96",
              "9 minutes on 2 CPU cores (AMD EPYC, 2026-12-02)"),
     "small": ("ir-CSN-small trained from scratch on the synthetic videos at 128x224",
-              "4.5 minutes on one H200 (2026-12-02)"),
+              "4.5 minutes on one H200 (2026-12-02), plus about a minute tuning the kernels "
+              "in a GPU's first run"),
     "paper": ("the paper's recipe: ir-CSN-152 fine-tuned at lr 1e-5 on DAVIS-2017 train, "
               "validated on DAVIS-2016 val", "about 80 minutes on one H200 at 2 steps/s"),
 }
