@@ -22,6 +22,7 @@ largely outside the GIL: four data-kernel candidates for sm_90 took 14.0 s on tw
 candidates it says so on stderr, once; ``stats()`` counts what was timed and read.
 """
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -160,8 +161,11 @@ def _compile_ahead(candidates, run):
         from triton.runtime._async_compile import AsyncCompileMode
     except ImportError:
         return
+    # where it can, a compile error leaves the other candidates' kernels installed (Triton 3.9)
+    options = ({"ignore_errors": True}
+               if "ignore_errors" in inspect.signature(AsyncCompileMode).parameters else {})
     try:
-        with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool):
+        with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, **options):
             _compiling = True
             try:
                 for config in candidates:
