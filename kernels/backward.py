@@ -252,7 +252,10 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, *, need_input, 
         gcoord = (torch.empty_like(coords, dtype=None if mode in OFFSET_AXES else torch.float32)
                   if need_coords else None)
         gmask = torch.empty_like(mask) if need_mask else None
-        gw = torch.empty((groups, K, Cg, Cog), device=dev, dtype=dtype) if need_weight else None
+        step = points_per_launch(M, C, K, go.element_size())
+        # in several chunks the weight GEMMs write into one buffer; in one, the GEMM's result is it
+        gw = (torch.empty((groups, K, Cg, Cog), device=dev, dtype=dtype)
+              if need_weight and step < K else None)
         unused = torch.empty(1, device=dev, dtype=torch.float32)
         # read by the kernel only in fixed point
         gx_scale = fixed_point_scale(go, weight, mask, M * K) if fixed_point else unused
@@ -275,7 +278,6 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, *, need_input, 
         def grid(meta):
             return (cdiv(M, meta["BLOCK_M"]), geo.offset_groups)
 
-        step = points_per_launch(M, C, K, go.element_size())
         for k0 in range(0, K, step):
             kc = min(step, K - k0)
             if need_gcol:   # the column gradient of kernel points k0 .. k0+kc-1: one GEMM
@@ -290,8 +292,11 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, *, need_input, 
                 configs.launch(d2conv_bwd_data_kernel, "BWD_DATA", grid, data_args,
                                config=data_config)
             if need_weight:     # col now holds the sampled columns
-                gw[:, k0:k0 + kc] = torch.matmul(col.transpose(1, 2), go_g).view(
-                    groups, kc, Cg, Cog)
+                part = torch.matmul(col.transpose(1, 2), go_g).view(groups, kc, Cg, Cog)
+                if gw is None:
+                    gw = part
+                else:
+                    gw[:, k0:k0 + kc] = part
             del col, data_args["col_ptr"]   # free before the next GEMM: one chunk at a time
         if need_input:
             grad_input = (gx.float() / gx_scale).to(dtype) if fixed_point else gx.to(dtype)
@@ -301,5 +306,5 @@ def d2conv_bwd(geo, grad_out, input, coords, weight, mask, mode, *, need_input, 
         if need_weight:
             grad_weight = gw.permute(0, 3, 2, 1).reshape(weight.shape).contiguous()
     if need_bias:
-        grad_bias = go.view(M, geo.Co).sum(0, dtype=torch.float32).to(dtype)
+        grad_bias = go.view(M, geo.Co).sum(0)       # accumulated in fp32 for 16-bit dtypes too
     return grad_input, grad_coords, grad_weight, grad_bias, grad_mask
