@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs, input_grad, settings
+from . import configs, input_grad, settings, tuning
 from .checks import OFFSET_AXES
 from .launch import LaunchGeometry, cdiv, channels_last, weight_tiles
 from .sampling import (class_point, class_points, gather_dot, gather_tile, kernel_point,
@@ -196,8 +196,6 @@ def tuned_configs(data_args, pull, run_data_kernel, run):
     pulled = configs.pinned("BWD_INPUT", data_args) if pull else None
     if data is not None and (pulled is not None or not pull):
         return data, pulled
-    from . import tuning
-
     extra = (settings.gcol_bytes(), pull)       # what else the whole backward's time depends on
     if data is None and not run_data_kernel:
         data = configs.candidates("BWD_DATA", data_args)[0]       # not launched: not timed

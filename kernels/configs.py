@@ -134,11 +134,12 @@ def _fit(config, args):
                          maxnreg=config.maxnreg)
 
 
-def prune(configs, args):
-    """Fit every config to the shape and drop the duplicates this makes."""
+def prune(configs, args, fit=None):
+    """Fit every config to the shape (``fit(config, args)``, by default the D²Conv kernels'
+    ``_fit``) and drop the duplicates this makes."""
     seen, kept = set(), []
     for config in configs:
-        config = _fit(config, args)
+        config = (fit or _fit)(config, args)
         key = _identity(config)
         if key not in seen:
             seen.add(key)

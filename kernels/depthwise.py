@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from . import settings, tuning
+from .configs import prune
 from .launch import cdiv, next_power_of_2
 from .ops import _depthwise_format
 
@@ -497,16 +498,6 @@ def _fit(config, args):
     return triton.Config(meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _prune(configs, args):
-    """Fit every candidate to the shape; drop the duplicates this makes."""
-    kept = {}
-    for config in configs:
-        config = _fit(config, args)
-        kept.setdefault((tuple(sorted(config.kwargs.items())), config.num_warps,
-                         config.num_stages), config)
-    return list(kept.values())
-
-
 def _launch(kind, channels_last, grid, args):
     """Launch a kernel with its tuned config (``tuning.pick``, timing each candidate on this
     launch: its outputs are written by stores only, so a trial leaves nothing to reset), or its
@@ -518,7 +509,7 @@ def _launch(kind, channels_last, grid, args):
     else:
         dtype = next(str(v.dtype) for v in args.values() if isinstance(v, torch.Tensor))
         config = tuning.pick(f"DEPTHWISE_{kind.upper()}", (*(args[k] for k in KEYS[kind]), dtype),
-                             lambda: _prune(CANDIDATES[kind][channels_last], args),
+                             lambda: prune(CANDIDATES[kind][channels_last], args, fit=_fit),
                              lambda config: _run(kind, grid, args, config))
     _run(kind, grid, args, config)
 

@@ -479,31 +479,28 @@ def _launch(kernel, programs, num_warps, **args):
     kernel[(programs,)](**args, num_warps=num_warps)
 
 
-def _pow2(n):
-    return next_power_of_2(max(int(n), 1))
-
-
 def _vector_block(n, largest):
     """A block over n values: n rounded up to a power of two, at most ``largest`` (at most
     INTERPRETER_BLOCK_C under the interpreter, so that tests run several blocks)."""
     if settings.interpreting():
         largest = INTERPRETER_BLOCK_C
-    return min(_pow2(n), largest)
+    return min(next_power_of_2(n), largest)
 
 
 def _tile_shape(channels_last, channels, S, itemsize, tile_bytes, vectors):
     """(BLOCK_C, BLOCK_S, num_warps) of a tile of about ``tile_bytes`` over ``channels``
     channels and S positions, ``vectors`` 16-byte vectors a thread."""
     if settings.interpreting():
-        return min(_pow2(channels), INTERPRETER_BLOCK_C), min(_pow2(S), INTERPRETER_BLOCK_S), 1
+        return (min(next_power_of_2(channels), INTERPRETER_BLOCK_C),
+                min(next_power_of_2(S), INTERPRETER_BLOCK_S), 1)
     vector = 16 // itemsize
     elements = tile_bytes // itemsize
     if channels_last:
-        block_c = min(_pow2(channels), 256 // itemsize)
-        block_s = min(_pow2(S), max(1, elements // block_c))
+        block_c = min(next_power_of_2(channels), 256 // itemsize)
+        block_s = min(next_power_of_2(S), max(1, elements // block_c))
     else:
-        block_s = min(_pow2(S), ROW_BYTES // itemsize)
-        block_c = min(_pow2(channels), max(1, elements // block_s))
+        block_s = min(next_power_of_2(S), ROW_BYTES // itemsize)
+        block_c = min(next_power_of_2(channels), max(1, elements // block_s))
     num_warps = max(1, min(8, block_c * block_s // (vectors * vector * 32)))
     return block_c, block_s, num_warps
 
