@@ -62,8 +62,7 @@ def compare(case, dtype, pass_, rounds):
     run()                                                   # tunes, or reads the cache file
     torch.cuda.synchronize()
     tune_s = time.perf_counter() - start
-    picks = {"|".join(map(str, (kernel, *key))): dict(config.kwargs, num_warps=config.num_warps,
-                                                       maxnreg=config.maxnreg)
+    picks = {"|".join(map(str, (kernel, *key))): tuning._to_dict(config)
              for (kernel, key), config in tuning._memory.items() if (kernel, key) not in before}
     with torch.no_grad():
         tuned_out = fn(*inputs).float()
