@@ -68,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--no-replacement", dest="replacement", action="store_false", default=None,
                    help="draw a clip's frames without replacement (the original draws 8 with "
                         "replacement from the 8 around the centre frame)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                   help="run the training forward and backward eagerly (by default, on one GPU, "
+                        "they replay CUDA graphs captured at the first step)")
     p.add_argument("--workers", type=int_range(0), help="DataLoader worker processes")
     p.add_argument("--seed", type=int_range(0, 2**32 - 1), help="random seed")
     p.add_argument("--log-every", type=int_range(1),
@@ -90,7 +93,8 @@ def config(args):
                      backbone_weights=args.backbone_weights, decoder_conv=args.decoder_conv,
                      batch_size=args.batch_size, lr=args.lr, loss=args.loss,
                      optimizer=args.optimizer, scheduler=args.scheduler, augment=args.augment,
-                     replacement=args.replacement, workers=args.workers, seed=args.seed,
+                     replacement=args.replacement, cuda_graphs=args.cuda_graphs,
+                     workers=args.workers, seed=args.seed,
                      log_every=args.log_every)
     if args.backbone_weights and not Path(args.backbone_weights).is_file():
         raise MissingInput(f"--backbone-weights: no such file {args.backbone_weights}")

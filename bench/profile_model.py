@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/profile_model.py [--steps 3] [--decoders d2conv-xyz,dense]
                                                [--ops triton,pytorch] [--what train,infer]
-                                               [--channels-last] [--no-record]
+                                               [--channels-last] [--graphs] [--no-record]
 
 The model as bench/test_model_speed.py times it: ir-CSN-152 with backbone checkpointing, batch 2
 of 8x480x864 clips, bf16 autocast, Adam, gradient clipping; inference: a batch of 4 clips in eval
@@ -10,7 +10,8 @@ mode under no_grad (evaluate.py's default --clips-per-batch). ``--ops`` names th
 measured (``VARIANTS``): ``triton``, the model as it is; ``pytorch``, GroupNorm and the depthwise
 convolutions on PyTorch's kernels and the frozen BNs applied after their convolutions (the
 model's computation before its Triton kernels); ``unfolded``, only the BNs unfolded; so one
-process measures each change. The kernels' times come from
+process measures each change; ``--graphs`` replays the training step's forward and backward as
+CUDA graphs, as the trainer does on one GPU (d2conv/graphs.py). The kernels' times come from
 torch.profiler (CUDA activity), summed per category (``CATEGORIES``) and divided by the steps
 profiled; the step's wall time is measured apart, without the profiler. Prints a table per
 configuration and writes <gpu>-profile.json among the bench's records (records.py).
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from d2conv.graphs import GraphedForward
 
 # (category, pattern on the lower-cased kernel name); the first match wins
 CATEGORIES = [
@@ -88,18 +90,24 @@ def unfolded_bn():
 VARIANTS = {"triton": contextlib.nullcontext, "unfolded": unfolded_bn, "pytorch": pytorch_ops}
 
 
-def training_step(model, batch=2, size=(8, 480, 864)):
-    """A closure running one training step (forward, BCE, backward, clipping, Adam)."""
+def training_step(model, batch=2, size=(8, 480, 864), graphs=False):
+    """A closure running one training step (forward, BCE, backward, clipping, Adam); with
+    ``graphs`` the forward and backward replay CUDA graphs (d2conv.graphs, as the trainer runs
+    them), captured on the first call."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     clip = torch.rand(batch, 3, *size, device="cuda")
     target = (torch.rand(batch, 1, *size, device="cuda") > 0.5).float()
     clip = clip.contiguous(memory_format=_format(model))
     model.train()
+    forward = model
 
     def step():
+        nonlocal forward
         optimizer.zero_grad(set_to_none=True)
+        if graphs and forward is model:
+            forward = GraphedForward(model, clip, torch.bfloat16)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(clip)
+            logits = forward(clip)
         loss = F.binary_cross_entropy_with_logits(logits.float(), target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -155,9 +163,10 @@ def kernel_times(step, steps):
     return by_category, by_kernel
 
 
-def measure(model, what, steps):
-    """One configuration's record: wall ms a step, kernel ms by category, the top kernels."""
-    step = training_step(model) if what == "train" else inference_step(model)
+def measure(model, what, steps, graphs=False):
+    """One configuration's record: wall ms a step, kernel ms by category, the top kernels;
+    ``graphs``: the training step's forward and backward replayed as CUDA graphs."""
+    step = training_step(model, graphs=graphs) if what == "train" else inference_step(model)
     step()
     step()                                   # compiles / tunes the kernels, fills the caches
     torch.cuda.reset_peak_memory_stats()
@@ -166,6 +175,8 @@ def measure(model, what, steps):
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:15]
     return dict(step_ms=ms, kernel_ms=sum(by_kernel.values()),
                 peak_mib=torch.cuda.max_memory_allocated() / 2**20,
+                # graphs replay into memory reserved at their capture, outside the peak above
+                reserved_mib=torch.cuda.max_memory_reserved() / 2**20,
                 categories={k: round(v, 3) for k, v in by_category.items() if v > 0},
                 top_kernels=[[name[:160], round(v, 3)] for name, v in top])
 
@@ -173,7 +184,7 @@ def measure(model, what, steps):
 def print_table(rows):
     cats = [c for c, _ in CATEGORIES if any(c in r["categories"] for r in rows)]
     heads = [f"{r['what']} {r['decoder']} {r['ops']}{' cl' if r['channels_last'] else ''}"
-             for r in rows]
+             f"{' graphs' if r.get('graphs') else ''}" for r in rows]
     width = max(12, *map(len, heads))
     print(f"{'ms a step':28}" + "".join(f"{h:>{width + 2}}" for h in heads))
     for cat in cats:
@@ -195,6 +206,9 @@ def main():
     parser.add_argument("--what", default="train,infer")
     parser.add_argument("--channels-last", action="store_true",
                         help="the model's parameters and input in channels_last_3d")
+    parser.add_argument("--graphs", action="store_true",
+                        help="the training step's forward and backward as CUDA graphs (as the "
+                             "trainer runs them on one GPU)")
     parser.add_argument("--no-record", action="store_true", help="print only")
     args = parser.parse_args()
 
@@ -213,9 +227,11 @@ def main():
         for what in args.what.split(","):
             for ops in args.ops.split(","):
                 with VARIANTS[ops]():
+                    graphs = args.graphs and what == "train"
                     row = dict(what=what, decoder=decoder, ops=ops,
                                channels_last=args.channels_last,
-                               **measure(model, what, args.steps))
+                               **({"graphs": True} if graphs else {}),
+                               **measure(model, what, args.steps, graphs))
                 rows.append(row)
                 print(f"{what} {decoder} {ops}: {row['step_ms']:.1f} ms a step", flush=True)
         del model
@@ -229,7 +245,7 @@ def main():
         merge(f"{gpu}-profile.json",
               dict(gpu=gpu, **row, shape=batch, torch=torch.__version__,
                    triton=triton.__version__, date=time.strftime("%Y-%m-%d")),
-              key=("what", "decoder", "ops", "channels_last"))
+              key=("what", "decoder", "ops", "channels_last", "graphs"))
     print(f"wrote {gpu}-profile.json")
 
 

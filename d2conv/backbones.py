@@ -123,7 +123,9 @@ class IrCSN(nn.Module):
 
     ``layers``: blocks per stage; ``widths``: bottleneck widths; stage k outputs
     ``channels[k] = widths[k] * expansion`` channels. With ``checkpoint=True`` every block runs
-    under activation checkpointing while training with grad enabled. ``norm`` builds the
+    under activation checkpointing while training with grad enabled; a block draws no random
+    numbers, so the RNG state is not saved for its recomputation (one host call fewer a block,
+    and none that a CUDA graph capture could not take). ``norm`` builds the
     normalisation layers: frozen BN for the pretrained networks, GroupNorm for those trained
     from scratch.
 
@@ -155,7 +157,8 @@ class IrCSN(nn.Module):
         features = []
         for stage in self.stages:
             for block in stage:
-                x = checkpoint_fn(block, x, use_reentrant=False) if use_ckpt else block(x)
+                x = (checkpoint_fn(block, x, use_reentrant=False, preserve_rng_state=False)
+                     if use_ckpt else block(x))
             features.append(x)
         return tuple(features)
 

@@ -55,6 +55,9 @@ class TrainConfig:
                                        # picks are kept on disk: kernels/tuning.py); False: their
                                        # default configs
     checkpoint: bool = False           # activation checkpointing of the backbone blocks
+    cuda_graphs: bool = True           # on one GPU, the training forward and backward replayed
+                                       # as CUDA graphs (d2conv/graphs.py) for clips of the
+                                       # first batch's shape; False: eager
     workers: int = 2
     val_every: int = 1                 # epochs
     val_gap: int = 5                   # clip start spacing during validation (the protocol's)

@@ -33,6 +33,7 @@ from .checkpoints import load_checkpoint, load_weights
 from .config import build_model
 from .data import ClipDataset, check_files, dataset_root, split_sequences
 from .errors import InputError
+from .graphs import GraphedForward
 from .evaluation import validate
 from .layers import predictor_parameters
 from .losses import SegmentationLoss
@@ -185,6 +186,9 @@ class Trainer:
                           torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs))
         self.loss_fn = SegmentationLoss(cfg.loss)
         self.amp = torch.bfloat16 if cfg.amp and self.device.type == "cuda" else None
+        # captured at the first step; DDP's gradient all-reduce runs eagerly, so one GPU only
+        self.graphs = cfg.cuda_graphs and self.device.type == "cuda" and self.world == 1
+        self.graphed = None
 
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best = -math.inf
@@ -272,7 +276,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with (torch.autocast(self.device.type, dtype=self.amp) if self.amp
               else contextlib.nullcontext()):
-            logits = self.ddp(clip)
+            logits = self.forward(clip)
         loss = self.loss_fn(logits.float(), target, valid)
         finite = torch.isfinite(loss.detach()).float()
         if self.world > 1:
@@ -284,6 +288,13 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
         self.optimizer.step()
         return loss.detach()
+
+    def forward(self, clip):
+        """The model's training forward: its CUDA graphs' replay where ``self.graphs`` (captured
+        on the first call), else eager (through DDP with several processes)."""
+        if self.graphs and self.graphed is None:
+            self.graphed = GraphedForward(self.model, clip, self.amp)
+        return (self.graphed or self.ddp)(clip)
 
     def total_steps(self):
         steps = self.cfg.epochs * self.sampler.batches()

@@ -1,11 +1,15 @@
 """CUDA graphs: a network of these layers, captured after warm-up (which compiles and tunes the
 kernels), replays equal to eager, forward and forward+backward; so does
-``torch.compile(mode="reduce-overhead")``, which captures graphs itself. GPU only."""
+``torch.compile(mode="reduce-overhead")``, which captures graphs itself, and the trainer's graphed
+training forward (d2conv.graphs). GPU only."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from d2conv.graphs import GraphedForward
 from d2conv.layers import D2Conv2d, D2Conv3d, DeformConv2d
+from d2conv.model import EncoderDecoder, to_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -78,3 +82,51 @@ def test_compile_reduce_overhead_equals_eager():
             torch.manual_seed(seed)
             x = torch.randn(4, 64, 32, 32, device="cuda")
             torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def loss_and_grads(model, forward, clip, target):
+    model.zero_grad(set_to_none=True)
+    loss = F.binary_cross_entropy_with_logits(forward(clip).float(), target)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("decoder", ["d2conv-xyz", "aspp"])
+def test_graphed_training_forward_equals_eager(decoder):
+    """The trainer's graphed forward and backward, on a small model with checkpointing: loss,
+    gradients and buffer updates (the ASPP's BatchNorm statistics) equal to eager on new clips;
+    the warm-up leaves the buffers as they were; another clip shape and eval mode run the
+    model's own forward."""
+    torch.manual_seed(0)
+    model = EncoderDecoder("ir_csn_tiny", decoder, mdim=16, checkpoint=True)
+    for layer in model.modules():               # predictors start at zero: move them off it
+        if hasattr(layer, "predictor"):
+            nn.init.normal_(layer.predictor.weight, std=0.01)
+    model = to_device(model, "cuda").train()
+    shape = (2, 3, 4, 64, 96)
+    target = (torch.rand(2, 1, *shape[2:], device="cuda") > 0.5).float()
+    buffers = [b.clone() for b in model.buffers()]
+    graphed = GraphedForward(model, torch.rand(shape, device="cuda"))
+    assert "forward" not in vars(model)         # the model keeps its own forward
+    for before, after in zip(buffers, model.buffers()):
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        clip = torch.rand(shape, device="cuda")
+        saved = [b.clone() for b in model.buffers()]
+        replayed = loss_and_grads(model, graphed, clip, target)
+        replayed_buffers = [b.clone() for b in model.buffers()]
+        for buffer, value in zip(model.buffers(), saved):
+            buffer.copy_(value)
+        eager = loss_and_grads(model, model, clip, target)
+        for graph_buffer, eager_buffer in zip(replayed_buffers, model.buffers()):
+            torch.testing.assert_close(graph_buffer, eager_buffer, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(replayed[0], eager[0], rtol=1e-5, atol=0)
+        for graph_grad, eager_grad in zip(replayed[1], eager[1]):
+            # the input gradient's fp32 atomics add in another order each run
+            torch.testing.assert_close(graph_grad, eager_grad, rtol=1e-3, atol=1e-6)
+    other = torch.rand(2, 3, 4, 32, 64, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(graphed(other), model(other), rtol=1e-5, atol=1e-6)
+        model.eval()
+        torch.testing.assert_close(graphed(clip), model(clip), rtol=1e-5, atol=1e-6)
