@@ -2,10 +2,10 @@
 
 A training step of the paper's model launches thousands of small kernels (ir-CSN-152's 150
 convolutions, recomputed under checkpointing, and their backward), and Python cannot launch them
-as fast as the GPU runs them: in eager mode the GPU waits for the host for a quarter of the step
-(docs/design.md#the-paper-models-step). Replaying captured graphs launches each pass with one
-call. ``torch.cuda.make_graphed_callables`` does the capture; the loss, the optimizer and
-everything data-dependent stay eager.
+as fast as the GPU runs them: in eager mode the GPU waits for the host for a quarter to a half
+of the step, by the host's speed (docs/design.md#cuda-graphs). Replaying captured graphs
+launches each pass with one call. ``torch.cuda.make_graphed_callables`` does the capture; the
+loss, the optimizer and everything data-dependent stay eager.
 
     forward = GraphedForward(model, first_clip, torch.bfloat16)   # warm-up and capture
     with torch.autocast("cuda", dtype=torch.bfloat16):
