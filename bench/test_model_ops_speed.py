@@ -1,5 +1,5 @@
-"""GroupNorm and the depthwise 3D convolution at the paper model's shapes against PyTorch's
-kernels: `pytest bench/test_model_ops_speed.py` on a GPU.
+"""GroupNorm, the depthwise 3D convolution and the upsampled skip sum at the paper model's shapes
+against PyTorch's kernels: `pytest bench/test_model_ops_speed.py` on a GPU.
 
 - GroupNorm: the refine units' GroupNorm(1, 256) of ReLU(conv output) at rf1, rf2 and rf3, and a
   from-scratch backbone's GroupNorm(8, 96) (ir-CSN-small at 128x224, batch 8), without the ReLU.
@@ -8,6 +8,9 @@ kernels: `pytest bench/test_model_ops_speed.py` on a GPU.
   clips (padding 1; stride 1, or 2 in the first block of stages 2-4), with how many blocks have
   it. ``triton``: ``kernels.depthwise_conv3d``; ``pytorch``: F.conv3d with groups = C (PyTorch's
   conv_depthwise3d on contiguous tensors, cuDNN on channels_last_3d ones).
+- Upsampled skip sum: the refine blocks' s + trilinear upsampling of the coarser map (rf1, rf2,
+  rf3) under bf16 autocast. ``triton``: ``kernels.upsample_add``; ``pytorch``: the composite
+  (F.interpolate in fp32, then the sum).
 
 bf16, both memory formats, forward ("fwd") and forward+backward ("fwdbwd"). Each case records
 the CUDA-event median of triton.testing.do_bench and the bytes the pass must move over it, as
@@ -15,7 +18,9 @@ GB/s and as a fraction of the card's DRAM bandwidth (``BANDWIDTH``), in <gpu>-mo
 among the bench's records. Bytes counted: GroupNorm forward reads its input twice (statistics,
 then normalisation: a group is larger than L2) and writes once, its backward reads input and
 gradient twice and writes once; the depthwise forward reads input and writes output once, its
-backward reads the output gradient and the input and writes the input gradient once. Before
+backward reads the output gradient and the input and writes the input gradient once; the skip
+sum reads input and source and writes its fp32 output, its backward reads the output's gradient
+and writes both gradients. Before
 timing, each op is checked against the float64 reference at the case's channel count.
 """
 import math
@@ -46,6 +51,12 @@ DEPTHWISE_SHAPES = {
     "s2_c512": ((2, 512, 2, 30, 54), 2, 1),
     "s1_c512": ((2, 512, 1, 15, 27), 1, 2),
 }
+# name: (input shape, source shape, the source's dtype in the model under bf16 autocast)
+UPSAMPLE_SHAPES = {
+    "rf1": ((2, 256, 8, 120, 216), (2, 256, 4, 60, 108), torch.float32),
+    "rf2": ((2, 256, 4, 60, 108), (2, 256, 2, 30, 54), torch.float32),
+    "rf3": ((2, 256, 2, 30, 54), (2, 256, 1, 15, 27), torch.bfloat16),
+}
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last_3d}
 # DRAM bandwidth by card (the vendors' figures), bytes/s
 BANDWIDTH = {"NVIDIA_H200": 4.8e12, "NVIDIA_H100_80GB_HBM3": 3.35e12}
@@ -65,6 +76,18 @@ def depthwise_fn(impl, stride):
     if impl == "triton":
         return lambda x, w: kernels.depthwise_conv3d(x, w, None, stride, 1)
     return lambda x, w: F.conv3d(x, w, None, stride, 1, groups=x.shape[1])
+
+
+def upsample_fn(impl):
+    """The refine blocks' skip sum under bf16 autocast, as the model runs it."""
+    def composite(s, p):
+        return s + F.interpolate(p, size=s.shape[2:], mode="trilinear", align_corners=True)
+    op = kernels.upsample_add if impl == "triton" else composite
+
+    def fn(s, p):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return op(s, p)
+    return fn
 
 
 def check(fn, inputs, ref_fn):
@@ -141,3 +164,29 @@ def test_depthwise_speed(benchmark, shape, layout, impl, pass_):
     record(dict(op="depthwise_conv3d", shape=shape, size=list(size), stride=stride,
                 blocks=blocks, format=layout, impl=impl, dtype="bfloat16",
                 **{"pass": pass_}), moved, median_ms)
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("impl", ["triton", "pytorch"])
+@pytest.mark.parametrize("layout", FORMATS)
+@pytest.mark.parametrize("shape", UPSAMPLE_SHAPES)
+def test_upsample_add_speed(benchmark, shape, layout, impl, pass_):
+    torch.manual_seed(0)
+    size, source_size, source_dtype = UPSAMPLE_SHAPES[shape]
+    fn = upsample_fn(impl)
+    fmt = FORMATS[layout]
+    small = [torch.randn(2, 8, 4, 6, 10, device="cuda").to(torch.bfloat16, memory_format=fmt),
+             torch.randn(2, 8, 2, 3, 5, device="cuda").to(source_dtype, memory_format=fmt)]
+    check(fn, small, upsample_fn("pytorch"))
+    s = torch.randn(size, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=fmt)
+    p = torch.randn(source_size, device="cuda", dtype=source_dtype).contiguous(memory_format=fmt)
+    median_ms, _ = time_case(benchmark, timed(fn, [s, p], pass_), pass_)
+    # the output is fp32 (autocast upsamples in fp32); fwd+bwd also reads its gradient and
+    # writes both inputs' gradients
+    s_bytes, p_bytes, out_bytes = s.numel() * 2, p.numel() * p.element_size(), s.numel() * 4
+    moved = s_bytes + p_bytes + out_bytes
+    if pass_ == "fwdbwd":
+        moved += out_bytes + s_bytes + p_bytes
+    record(dict(op="upsample_add", shape=shape, size=list(size), source=list(source_size),
+                format=layout, impl=impl, dtype="bfloat16-autocast", **{"pass": pass_}),
+           moved, median_ms)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+
 from .backbones import BACKBONES
 from .layers import VARIANTS, GroupNorm, convert_convs
 
@@ -93,7 +95,7 @@ class Refine3d(nn.Module):
     def forward(self, f, pm):
         s = self.FS1(f)
         s = s + self.FS3(self.FS2(s))
-        m = s + F.interpolate(pm, size=s.shape[2:], mode="trilinear", align_corners=True)
+        m = kernels.upsample_add(s, pm)     # s + trilinear upsampling of pm (align_corners)
         return m + self.MM2(self.MM1(m))
 
 

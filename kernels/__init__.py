@@ -1,7 +1,8 @@
 """Deformable and dynamic-dilated convolutions (docs/operators.md), forward and backward in
 Triton: 3D, and 2D on the same kernels (a 2D call is a 3D one with one frame and a 1-deep kernel);
-and the other two operators of the paper's model that PyTorch runs far below the card's
-bandwidth: GroupNorm (optionally of ReLU(input), in one pass) and depthwise 3D convolution.
+and the other operators of the paper's model that PyTorch runs far below the card's bandwidth:
+GroupNorm (optionally of ReLU(input), in one pass), depthwise 3D convolution and the refine
+blocks' sum of a feature and an upsampled coarser map.
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the same kernels under the Triton
 interpreter when TRITON_INTERPRET=1 is set, and the PyTorch reference (``kernels.naive``)
@@ -14,12 +15,12 @@ import torch
 # ops registers torch.ops.d2conv.* (Triton is imported on first use)
 from . import naive, ops, settings
 from .checks import (OFFSET_AXES, SIZE_CHANNELS, check_depthwise, check_group_norm,
-                     checked_geometry, ntuple)
+                     check_upsample_add, checked_geometry, ntuple)
 from .naive import offsets_from_size
 from .settings import set_autotune
 
 __all__ = ["deform_conv3d", "d2conv3d", "deform_conv2d", "d2conv2d", "group_norm",
-           "depthwise_conv3d", "offsets_from_size", "set_autotune", "settings", "SIZE_CHANNELS"]
+           "depthwise_conv3d", "upsample_add", "offsets_from_size", "set_autotune", "settings", "SIZE_CHANNELS"]
 
 
 def _use_triton(input):
@@ -214,3 +215,27 @@ def depthwise_conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1):
         return torch.ops.d2conv.depthwise_conv3d(input, weight, bias, list(geo.stride),
                                                  list(geo.padding), list(geo.dilation))
     return ops.DepthwiseConv3dFunction.apply(input, weight, bias, geo)
+
+
+def upsample_add(input, source):
+    """``input + F.interpolate(source, size=input.shape[2:], mode="trilinear",
+    align_corners=True)``, the refine blocks' skip sum, in three bandwidth-bound passes
+    (kernels/upsample.py; PyTorch's upsampling ran its fp32 copy at 3.9 ms at rf1, H100).
+
+    input:  (N, C, T, H, W); source: (N, C, Ts, Hs, Ws), any sizes; any memory format
+    return: input's shape (channels_last_3d on the Triton path), in the dtype of the composite:
+            input's and source's promoted, where CUDA's ``torch.autocast`` makes the source fp32
+            (as it runs F.interpolate in fp32)
+
+    The interpolation and the sum are computed in fp32; the source's gradient is gathered in
+    fp32 (no atomics, deterministic), the input's is the output's gradient.
+    """
+    check_upsample_add(input, source)
+    if not _use_triton(input) or torch.float64 in (input.dtype, source.dtype):
+        return naive.upsample_add(input, source)
+    # CUDA's autocast runs F.interpolate in fp32 (the CPU's leaves it in the input's dtype)
+    autocast = input.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+    out_dtype = torch.promote_types(input.dtype, torch.float32 if autocast else source.dtype)
+    if _traced(input):
+        return torch.ops.d2conv.upsample_add(input, source, out_dtype)
+    return ops.UpsampleAddFunction.apply(input, source, out_dtype)

@@ -227,6 +227,24 @@ def check_group_norm(input, num_groups, weight, bias, eps):
         raise ValueError(f"eps must be positive, got {eps!r}")
 
 
+def check_upsample_add(input, source):
+    """Validate an ``upsample_add`` call: two non-empty 5-D float tensors of the same N and C on
+    one device."""
+    for name, t in (("input", input), ("source", source)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 5 or t.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty (N, C, T, H, W) tensor, got shape "
+                             f"{tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    if source.shape[:2] != input.shape[:2]:
+        raise ValueError(f"source must have the input's (N, C) = {tuple(input.shape[:2])}, got "
+                         f"{tuple(source.shape[:2])}")
+    if source.device != input.device:
+        raise ValueError(f"source is on {source.device} but input is on {input.device}")
+
+
 # the largest depthwise kernel extent per axis the Triton kernels take
 DEPTHWISE_MAX_KERNEL = 7
 

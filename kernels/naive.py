@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import (OFFSET_AXES, SIZE_AXES, SIZE_CHANNELS, check_args, check_depthwise,
-                     check_group_norm, triple)
+                     check_group_norm, check_upsample_add, triple)
 
 
 def _kernel_grid(kernel, dilation, device, dtype):
@@ -193,6 +193,13 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, relu=False):
     with torch.autocast(input.device.type, enabled=False):
         out = F.group_norm(x.to(dtype).contiguous(), num_groups, weight, bias, eps)
     return out.to(input.dtype).contiguous(memory_format=_memory_format(input))
+
+
+def upsample_add(input, source):
+    """Reference of ``kernels.upsample_add``: the composite it replaces."""
+    check_upsample_add(input, source)
+    return input + F.interpolate(source, size=input.shape[2:], mode="trilinear",
+                                 align_corners=True)
 
 
 def _memory_format(t):

@@ -11,10 +11,11 @@ triples; "offset_yx": deform_conv2d's (y, x) pairs at T = 1) and the size map of
 otherwise. Triton is imported on first use, so importing this module (and the
 package) never needs it.
 
-GroupNorm (kernels/norm.py) and the depthwise 3D convolution (kernels/depthwise.py) have the same
-pair: ``d2conv::group_norm`` and ``d2conv::depthwise_conv3d`` (with their backward ops) for
-torch.compile and meta tensors, ``GroupNormFunction`` and ``DepthwiseConv3dFunction`` for eager
-calls.
+GroupNorm (kernels/norm.py), the depthwise 3D convolution (kernels/depthwise.py) and the
+upsampled skip sum (kernels/upsample.py) have the same pair: ``d2conv::group_norm``,
+``d2conv::depthwise_conv3d`` and ``d2conv::upsample_add`` (with their backward ops) for
+torch.compile and meta tensors, ``GroupNormFunction``, ``DepthwiseConv3dFunction`` and
+``UpsampleAddFunction`` for eager calls.
 """
 from typing import Optional
 
@@ -310,3 +311,67 @@ class DepthwiseConv3dFunction(torch.autograd.Function):
         grads = depthwise_bwd(ctx.geo, grad_out, input, weight, need_input=need_input,
                               need_weight=need_weight, need_bias=need_bias)
         return grads + (None,)
+
+
+@torch.library.custom_op("d2conv::upsample_add", mutates_args=())
+def upsample_add(input: Tensor, source: Tensor, out_dtype: torch.dtype) -> Tensor:
+    _require_triton(input)
+    from .upsample import upsample_add_fwd
+
+    return upsample_add_fwd(input, source, out_dtype)
+
+
+@upsample_add.register_fake
+def _(input, source, out_dtype):
+    return torch.empty_like(input, dtype=out_dtype, memory_format=torch.channels_last_3d)
+
+
+@torch.library.custom_op("d2conv::upsample_add_backward", mutates_args=())
+def upsample_add_backward(grad_out: Tensor, size: list[int], dtype: torch.dtype) -> Tensor:
+    """The source's gradient, (N, C, *size) in ``dtype``."""
+    _require_triton(grad_out)
+    from .upsample import upsample_add_bwd
+
+    return upsample_add_bwd(grad_out, size, dtype)
+
+
+@upsample_add_backward.register_fake
+def _(grad_out, size, dtype):
+    return torch.empty((*grad_out.shape[:2], *size), device=grad_out.device, dtype=dtype,
+                       memory_format=torch.channels_last_3d)
+
+
+def _upsample_add_setup(ctx, inputs, output):
+    input, source, _ = inputs
+    ctx.input_dtype, ctx.size, ctx.source_dtype = input.dtype, list(source.shape[2:]), source.dtype
+
+
+def _upsample_add_backward(ctx, grad_out):
+    grad_input = grad_out.to(ctx.input_dtype) if ctx.needs_input_grad[0] else None
+    grad_source = (torch.ops.d2conv.upsample_add_backward(grad_out, ctx.size, ctx.source_dtype)
+                   if ctx.needs_input_grad[1] else None)
+    return grad_input, grad_source, None
+
+
+upsample_add.register_autograd(_upsample_add_backward, setup_context=_upsample_add_setup)
+
+
+class UpsampleAddFunction(torch.autograd.Function):
+    """Eager autograd of the upsampled skip sum. Keeps no tensor for the backward: the source's
+    gradient needs its shape and dtype only."""
+
+    @staticmethod
+    def forward(ctx, input, source, out_dtype):
+        from .upsample import upsample_add_fwd
+
+        ctx.input_dtype, ctx.size, ctx.source_dtype = input.dtype, source.shape[2:], source.dtype
+        return upsample_add_fwd(input, source, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from .upsample import upsample_add_bwd
+
+        grad_input = grad_out.to(ctx.input_dtype) if ctx.needs_input_grad[0] else None
+        grad_source = (upsample_add_bwd(grad_out, ctx.size, ctx.source_dtype)
+                       if ctx.needs_input_grad[1] else None)
+        return grad_input, grad_source, None
