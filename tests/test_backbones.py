@@ -67,23 +67,31 @@ def test_frozen_bn_matches_batch_norm_eval():
     torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "cl"])
 @pytest.mark.parametrize("conv", [
     torch.nn.Conv3d(4, 6, 1, bias=False),
+    torch.nn.Conv3d(4, 6, 1),
     torch.nn.Conv3d(4, 6, 3, stride=2, padding=1),
     DepthwiseConv3d(4, 4, 3, stride=(1, 2, 2), padding=1, bias=False),
-], ids=["1x1x1", "3x3x3-stride2-bias", "depthwise"])
-def test_frozen_bn_folded_into_the_conv(conv):
+], ids=["1x1x1", "1x1x1-bias", "3x3x3-stride2-bias", "depthwise"])
+def test_frozen_bn_folded_into_the_conv(conv, channels_last):
     """conv_norm folds a frozen BN into the convolution: the output and the gradients of the
-    input and the conv's weight are those of BN(conv(x))."""
+    input and the conv's weight are those of BN(conv(x)); a 1x1x1 convolution of a
+    channels-last input (a GEMM over its rows) keeps the format."""
     torch.manual_seed(0)
     bn = FrozenBatchNorm3d(conv.out_channels)
     for name in ("weight", "bias", "running_mean"):
         getattr(bn, name).copy_(torch.randn(conv.out_channels))
     bn.running_var.copy_(torch.rand(conv.out_channels) + 0.1)
-    x = torch.randn(2, 4, 3, 6, 7, requires_grad=True)
+    x = torch.randn(2, 4, 3, 6, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_()
     ref = bn(conv(x))
     out = conv_norm(conv, bn, x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if channels_last and conv.kernel_size == (1, 1, 1):
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
     grad = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (x, conv.weight), grad)
     grads = torch.autograd.grad(out, (x, conv.weight), grad)
