@@ -215,7 +215,7 @@ def main():
     import triton
 
     from d2conv.model import EncoderDecoder
-    from records import gpu_name, merge
+    from records import commit, gpu_name, merge
 
     rows = []
     for decoder in args.decoders.split(","):
@@ -244,8 +244,8 @@ def main():
         batch = "train: batch 2 of 8x480x864" if row["what"] == "train" else "infer: 4 clips"
         merge(f"{gpu}-profile.json",
               dict(gpu=gpu, **row, shape=batch, torch=torch.__version__,
-                   triton=triton.__version__, date=time.strftime("%Y-%m-%d")),
-              key=("what", "decoder", "ops", "channels_last", "graphs"))
+                   triton=triton.__version__, date=time.strftime("%Y-%m-%d"), commit=commit()),
+              key=("what", "decoder", "ops", "channels_last", "graphs", "commit"))
     print(f"wrote {gpu}-profile.json")
 
 

@@ -15,6 +15,20 @@ def gpu_name():
     return torch.cuda.get_device_name().replace(" ", "_")
 
 
+def commit():
+    """The code measured, as records name it: $D2CONV_COMMIT (a copy of the tree without its git
+    history), else git's short HEAD, else ""."""
+    import subprocess
+
+    if os.environ.get("D2CONV_COMMIT"):
+        return os.environ["D2CONV_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return ""
+
+
 def write(name, data):
     """Write ``data`` as RESULTS/name (JSON), replacing the file in one step."""
     RESULTS.mkdir(parents=True, exist_ok=True)

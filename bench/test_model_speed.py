@@ -19,7 +19,7 @@ import torch
 from d2conv.model import EncoderDecoder, to_device
 from kernels import settings
 from profile_model import pytorch_ops, training_step
-from records import gpu_name, merge
+from records import commit, gpu_name, merge
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a GPU")
 
@@ -31,7 +31,7 @@ def record(entry):
     merge(f"{gpu}-model.json", dict(gpu=gpu, **entry, torch=torch.__version__,
                                     triton=__import__("triton").__version__,
                                     autotuned=settings.autotune(),
-                                    date=time.strftime("%Y-%m-%d")),
+                                    date=time.strftime("%Y-%m-%d"), commit=commit()),
           key=("decoder_conv", "ops"))
 
 
