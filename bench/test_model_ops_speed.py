@@ -24,6 +24,7 @@ and writes both gradients. Before
 timing, each op is checked against the float64 reference at the case's channel count.
 """
 import math
+import time
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.checks import output_size
-from records import gpu_name, merge
+from records import commit, gpu_name, merge
 from test_kernel_speed import time_case, timed
 
 # name: (shape, groups, relu)
@@ -113,7 +114,8 @@ def record(entry, bytes_moved, median_ms):
           dict(gpu=gpu, **entry, median_ms=median_ms, gbytes=bytes_moved / 1e9, gbps=gbps,
                of_bandwidth=gbps * 1e9 / BANDWIDTH[gpu] if gpu in BANDWIDTH else None,
                torch=torch.__version__, triton=triton.__version__,
-               autotuned=kernels.settings.autotune()),
+               autotuned=kernels.settings.autotune(), date=time.strftime("%Y-%m-%d"),
+               commit=commit()),
           key=("op", "shape", "format", "impl", "pass"))
 
 
