@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from d2conv.layers import D2Conv3d, DeformConv3d, GroupNorm
-from d2conv.model import (DECODER_CONVS, ASPP3d, EncoderDecoder, HeadConv3d, Unit,
-                          pad_to_multiple, padding, to_device)
+from d2conv.model import (DECODER_CONVS, ASPP3d, EncoderDecoder, Unit, pad_to_multiple,
+                          padding, to_device)
 from helpers import DEVICE
 
 pytestmark = pytest.mark.usefixtures("reference_on_cpu")
@@ -143,25 +143,3 @@ def test_build_model_from_an_older_checkpoint_config():
     model = build_model({"backbone": "ir_csn_tiny", "decoder_conv": "dense", "mdim": 8,
                          "data": "synthetic"})
     assert isinstance(model.decoder.gc_norm, torch.nn.Identity) and model.converted == 0
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the padded path runs on CUDA tensors")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_head_conv_padded_to_eight_channels_equals_conv3d(dtype):
-    """The head's convolution, computed with zero filters added up to 8 output channels, gives
-    nn.Conv3d's output and gradients."""
-    torch.manual_seed(0)
-    head = HeadConv3d(16, 1, 3, padding=1).cuda()
-    x = torch.randn(2, 16, 3, 8, 10, device="cuda").contiguous(
-        memory_format=torch.channels_last_3d).requires_grad_()
-    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        out = head(x)
-        ref = torch.nn.Conv3d.forward(head, x)
-    assert out.shape == ref.shape == (2, 1, 3, 8, 10)
-    grad = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (x, head.weight, head.bias), grad)
-    ref_grads = torch.autograd.grad(ref, (x, head.weight, head.bias), grad)
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(out, ref, **tol)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, **tol)
