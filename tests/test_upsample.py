@@ -2,14 +2,26 @@
 ``input + F.interpolate(source, trilinear, align_corners=True)`` in float64: output and both
 gradients, up- and downsampling, identity and one-position axes, both memory formats in
 NaN-surrounded storage, NaN-poisoned outputs; dtypes under autocast; the custom op; bad
-arguments."""
+arguments; and, on a machine without a GPU, the kernel's launches at rf1 compiled for sm_90.
+
+``python tests/test_upsample.py`` prints each of those launches compiled for sm_90 (registers,
+spills, 16-byte loads); the last test runs it."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels
 from helpers import DEVICE, rel_err
-from test_group_norm import in_nan_storage
+from kernels import upsample
+from test_group_norm import _cuda_tools, compile_sm90, in_nan_storage, resources
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
@@ -92,3 +104,64 @@ def test_meta_tensors():
     s = torch.empty(2, 4, 4, 30, 54, device="meta", dtype=torch.bfloat16)
     out = kernels.upsample_add(x, s)
     assert out.shape == x.shape and out.dtype == torch.float32
+
+
+def captured_launches(shape, source_shape, dtype, source_dtype):
+    """(kwargs, num_warps) of every lerp_axis_kernel launch of one forward and one backward,
+    run on meta tensors with the launches recorded instead of made."""
+    launches = []
+    names = [p.name for p in upsample.lerp_axis_kernel.params]
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, **meta):
+                launches.append((dict(zip(names, args), **meta), num_warps))
+            return launch
+
+    saved = upsample.lerp_axis_kernel
+    upsample.lerp_axis_kernel = Recorder()
+    try:
+        x = torch.empty(shape, device="meta", dtype=dtype)
+        s = torch.empty(source_shape, device="meta", dtype=source_dtype)
+        upsample.upsample_add_fwd(x, s, torch.float32)
+        upsample.upsample_add_bwd(torch.empty(shape, device="meta"), source_shape[2:],
+                                  source_dtype)
+    finally:
+        upsample.lerp_axis_kernel = saved
+    return launches
+
+
+def print_sm90_resources():
+    """One line per launch of rf1's sum (bf16 input, fp32 source, as under autocast): registers,
+    spilled bytes and 16-byte global loads in the PTX."""
+    for args, num_warps in captured_launches((2, 256, 8, 120, 216), (2, 256, 4, 60, 108),
+                                             torch.bfloat16, torch.float32):
+        compiled = compile_sm90(upsample.lerp_axis_kernel, num_warps, args)
+        regs, spilled = resources(compiled)
+        loads = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", compiled.asm["ptx"]))
+        print(f"lerp_axis_kernel transpose={int(args['TRANSPOSE'])} add={int(args['HAS_ADD'])} "
+              f"row {args['B']} w{num_warps}: {regs} regs, {spilled} B spilled, "
+              f"{loads} v4 loads", flush=True)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU suite compiles it for real")
+@pytest.mark.skipif(not _cuda_tools(), reason="Triton without its CUDA tools")
+def test_kernel_compiles_for_sm90():
+    """rf1's six launches (three passes each way) compile for sm_90 without spills, and read
+    16 bytes per load instruction."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                            timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 6, lines
+    for line in lines:
+        print(line)
+        regs, spilled, loads = (int(v) for v in re.findall(r"(\d+) (?:regs|B|v4)", line))
+        assert 0 < regs <= 255 and spilled == 0 and loads > 0, line
+
+
+if __name__ == "__main__":
+    print_sm90_resources()
