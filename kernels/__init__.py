@@ -20,7 +20,8 @@ from .naive import offsets_from_size
 from .settings import set_autotune
 
 __all__ = ["deform_conv3d", "d2conv3d", "deform_conv2d", "d2conv2d", "group_norm",
-           "depthwise_conv3d", "upsample_add", "offsets_from_size", "set_autotune", "settings", "SIZE_CHANNELS"]
+           "depthwise_conv3d", "upsample_add", "offsets_from_size", "set_autotune", "settings",
+           "SIZE_CHANNELS"]
 
 
 def _use_triton(input):

@@ -9,7 +9,8 @@ axis of ``L_src`` positions sampled at ``L_dst`` (align_corners=True, PyTorch's 
     x = j * scale, scale = (L_src - 1) / (L_dst - 1) (0 when L_dst = 1), i0 = floor(x),
     i1 = min(i0 + 1, L_src - 1), lam = x - i0
     forward:    dst[a, j, b] = (1 - lam_j) * src[a, i0_j, b] + lam_j * src[a, i1_j, b]
-    transposed: dst[a, i, b] = sum_j ((i0_j == i) * (1 - lam_j) + (i1_j == i) * lam_j) * src[a, j, b]
+    transposed: dst[a, i, b] = sum_j w_ij * src[a, j, b],
+                w_ij = (i0_j == i) * (1 - lam_j) + (i1_j == i) * lam_j
 
 The transposed map is the gradient, gathered (no atomics): output i takes the positions j whose
 i0 is i - 1 or i, a window of at most int(2 / scale) + 4. Forward: T, then H, then W, the last
