@@ -33,8 +33,8 @@ from .checkpoints import load_checkpoint, load_weights
 from .config import build_model
 from .data import ClipDataset, check_files, dataset_root, split_sequences
 from .errors import InputError
-from .graphs import GraphedForward
 from .evaluation import validate
+from .graphs import GraphedForward
 from .layers import predictor_parameters
 from .losses import SegmentationLoss
 from .model import to_device

@@ -221,7 +221,8 @@ def depthwise_conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1):
 def upsample_add(input, source):
     """``input + F.interpolate(source, size=input.shape[2:], mode="trilinear",
     align_corners=True)``, the refine blocks' skip sum, in three bandwidth-bound passes
-    (kernels/upsample.py; PyTorch's upsampling ran its fp32 copy at 3.9 ms at rf1, H100).
+    (kernels/upsample.py; at rf1 under bf16 autocast 0.52 ms forward against the composite's
+    3.62 on an H100, docs/design.md#upsampled-skip-sum).
 
     input:  (N, C, T, H, W); source: (N, C, Ts, Hs, Ws), any sizes; any memory format
     return: input's shape (channels_last_3d on the Triton path), in the dtype of the composite:
