@@ -29,7 +29,9 @@ class GraphedForward:
     which also compiles and tunes the Triton kernels outside the capture) and one captured, so
     the first call costs about four steps; the model's buffers (the running statistics of
     trainable BatchNorms) are put back as they were before them. The graphs keep their memory (a
-    private pool) for the model's lifetime."""
+    private pool) for the model's lifetime. A model whose forward or backward cannot be captured
+    (one that reads a GPU value on the host, say) raises the capture's RuntimeError, the model
+    left as it was."""
 
     def __init__(self, model: nn.Module, sample: torch.Tensor, amp=None):
         if not sample.is_cuda or not model.training:
@@ -41,10 +43,12 @@ class GraphedForward:
         # autocast's weight cache cannot be captured (make_graphed_callables refuses it)
         autocast = (torch.autocast("cuda", dtype=amp, cache_enabled=False) if amp is not None
                     else contextlib.nullcontext())
-        with autocast:
-            torch.cuda.make_graphed_callables(model, (static,), allow_unused_input=True)
-        for buffer, saved in buffers:
-            buffer.copy_(saved)
+        try:
+            with autocast:
+                torch.cuda.make_graphed_callables(model, (static,), allow_unused_input=True)
+        finally:                    # also after a failed capture: the model as it was
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
         # make_graphed_callables puts the graphed forward on the model itself; keep it here
         # and give the model back its own (evaluation, other shapes, checkpoints see no change)
         self.replay = model.forward

@@ -293,7 +293,13 @@ class Trainer:
         """The model's training forward: its CUDA graphs' replay where ``self.graphs`` (captured
         on the first call), else eager (through DDP with several processes)."""
         if self.graphs and self.graphed is None:
-            self.graphed = GraphedForward(self.model, clip, self.amp)
+            try:
+                self.graphed = GraphedForward(self.model, clip, self.amp)
+            except RuntimeError as error:       # an op the capture cannot take
+                self.graphs = False
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else "error"
+                self.print(f"CUDA graphs: the capture failed ({reason[:200]}); training "
+                           f"eagerly (--no-cuda-graphs skips the attempt)")
         return (self.graphed or self.ddp)(clip)
 
     def total_steps(self):

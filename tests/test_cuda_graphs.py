@@ -2,6 +2,8 @@
 kernels), replays equal to eager, forward and forward+backward; so does
 ``torch.compile(mode="reduce-overhead")``, which captures graphs itself, and the trainer's graphed
 training forward (d2conv.graphs). GPU only."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from torch import nn
 from d2conv.graphs import GraphedForward
 from d2conv.layers import D2Conv2d, D2Conv3d, DeformConv2d
 from d2conv.model import EncoderDecoder, to_device
+from d2conv.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -130,3 +133,33 @@ def test_graphed_training_forward_equals_eager(decoder):
         torch.testing.assert_close(graphed(other), model(other), rtol=1e-5, atol=1e-6)
         model.eval()
         torch.testing.assert_close(graphed(clip), model(clip), rtol=1e-5, atol=1e-6)
+
+
+class HostRead(nn.Module):
+    """A model whose forward reads a GPU value on the host, which no graph can capture; it counts
+    its calls in a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 1, 1)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.conv(x)
+        return out * 2 if out.sum().item() > 1e30 else out
+
+
+def test_a_failed_capture_leaves_the_model_and_the_trainer_trains_eagerly(capsys):
+    model = HostRead().cuda().train()
+    x = torch.rand(2, 3, 2, 4, 4, device="cuda")
+    with pytest.raises(RuntimeError):
+        GraphedForward(model, x)
+    assert "forward" not in vars(model) and model.calls.item() == 0
+    # the trainer's forward: one line, then eager steps
+    trainer = SimpleNamespace(graphs=True, graphed=None, model=model, ddp=model, amp=None,
+                              print=print)
+    out = Trainer.forward(trainer, x)
+    assert trainer.graphs is False and trainer.graphed is None
+    assert "the capture failed" in capsys.readouterr().out
+    torch.testing.assert_close(out, model.conv(x))
