@@ -2,7 +2,11 @@
 float64 reference, NaN-surrounded storage and relative errors; for the command lines the check of
 a bad-input message."""
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -11,6 +15,21 @@ from kernels import naive
 from kernels.checks import SIZE_CHANNELS, output_size, triple
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compiled_run(*command):
+    """The output lines of ``python *command`` run in the repository's root with the Triton
+    interpreter off, as the sm_90 compile checks need it (Triton reads TRITON_INTERPRET once, at
+    import, so a test process under the interpreter cannot compile itself); a non-zero exit fails
+    the test with its stderr."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True,
+                            timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.splitlines()
 
 
 @dataclass(frozen=True)

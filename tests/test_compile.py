@@ -2,16 +2,14 @@
 with vectorised channel loads: the interpreter, which runs them everywhere else in CI, checks
 their math but compiles nothing. The Gluon forward (kernels/hopper.py), which no interpreter
 runs, compiles with its asynchronous wgmma and TMA weight tiles."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import triton
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, compiled_run
+
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SM90_SHARED = 232448        # bytes of shared memory a block may take on sm_90 (227 KiB)
 
@@ -24,13 +22,8 @@ except (ImportError, AttributeError) as error:     # a Triton without Gluon's Ho
 
 def compile_check(*args, shape="tiny"):
     """compile_check.py's lines for these arguments (on ``shape``, first configs)."""
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "compile_check.py"), "--shape", shape, "--first",
-         *args], env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.splitlines()
+    return compiled_run(str(REPO / "bench" / "compile_check.py"), "--shape", shape, "--first",
+                        *args)
 
 
 def registers(line):

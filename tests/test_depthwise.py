@@ -7,7 +7,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from helpers import DEVICE, nan_padded, rel_err
+from helpers import DEVICE, compiled_run, nan_padded, rel_err
 from kernels import settings
 
 ON_GPU = DEVICE == "cuda"
-REPO = Path(__file__).resolve().parents[1]
 NAMES = ("input", "weight", "bias")
 FORMATS = {"cl": True, "ncdhw": False}
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -419,14 +417,7 @@ def test_kernels_compile_for_sm90_without_spills():
     """bf16 at 64 channels, each kernel's default config: no register spills, at most 255
     registers; channels-last tiles move channel pairs (32-bit loads), the only 16-bit loads
     being the forward's 27 weights of 2 channels, once a program."""
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"),
-                                           os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", "import test_depthwise as t; "
-                             "t.compile_report()"], env=env, capture_output=True, text=True,
-                            timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    lines = compiled_run("-c", "import test_depthwise as t; t.compile_report()")
     # per stride and layout: forward, input gradient (flipped), weight gradient, reduction
     assert len(lines) == 2 * 2 * 4, lines
     for line in lines:

@@ -9,7 +9,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +16,10 @@ import pytest
 import torch
 
 import kernels
-from helpers import DEVICE, rel_err
+from helpers import DEVICE, compiled_run, rel_err
 from kernels import norm
 
 ON_GPU = DEVICE == "cuda"
-REPO = Path(__file__).resolve().parents[1]
-
 
 # every torch.empty / empty_like made during a test starts as NaN (conftest.py)
 pytestmark = pytest.mark.usefixtures("poison_empty")
@@ -455,13 +452,7 @@ def _cuda_tools():
 def test_kernels_compile_for_sm90():
     """Each kernel in both layouts at the refine unit's shape, bf16: no spilled register, and the
     big passes load (and the elementwise ones store) 16 bytes per instruction."""
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"),
-                                           os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                            timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    lines = compiled_run(__file__)
     assert len(lines) == 14, lines
     for line in lines:
         print(line)

@@ -6,22 +6,16 @@ arguments; and, on a machine without a GPU, the kernel's launches at rf1 compile
 
 ``python tests/test_upsample.py`` prints each of those launches compiled for sm_90 (registers,
 spills, 16-byte loads); the last test runs it."""
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels
-from helpers import DEVICE, rel_err
+from helpers import DEVICE, compiled_run, rel_err
 from kernels import upsample
 from test_group_norm import _cuda_tools, compile_sm90, in_nan_storage, resources
-
-REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
@@ -149,13 +143,7 @@ def print_sm90_resources():
 def test_kernel_compiles_for_sm90():
     """rf1's six launches (three passes each way) compile for sm_90 without spills, and read
     16 bytes per load instruction."""
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"),
-                                           os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                            timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    lines = compiled_run(__file__)
     assert len(lines) == 6, lines
     for line in lines:
         print(line)
