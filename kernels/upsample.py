@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, next_power_of_2
+from .launch import cdiv, channels_last, next_power_of_2
 
 
 @triton.jit
@@ -96,18 +96,12 @@ def _lerp(src, dst, A, L_src, L_dst, B, transpose, add=None):
                            BLOCK_B=block, num_warps=4 if block >= 512 else 2)
 
 
-def _ndhwc(t):
-    """t (N, C, T, H, W) as a contiguous (N, T, H, W, C) tensor (a copy unless t is channels-last
-    already)."""
-    return t.contiguous(memory_format=torch.channels_last_3d).permute(0, 2, 3, 4, 1)
-
-
 def upsample_add_fwd(input, source, out_dtype):
     """input (N, C, T, H, W) + source (N, C, Ts, Hs, Ws) upsampled to (T, H, W); returned
     channels-last in ``out_dtype``."""
     N, C, T, H, W = input.shape
     _, _, Ts, Hs, Ws = source.shape
-    x = _ndhwc(source)
+    x = channels_last(source)
     # T, then H, into fp32 (identity axes skipped), then W with the sum
     for A, L_src, L_dst, B, shape in ((N, Ts, T, Hs * Ws * C, (N, T, Hs, Ws, C)),
                                       (N * T, Hs, H, Ws * C, (N, T, H, Ws, C))):
@@ -116,7 +110,7 @@ def upsample_add_fwd(input, source, out_dtype):
             _lerp(x, y, A, L_src, L_dst, B, transpose=False)
             x = y
     out = torch.empty_like(input, dtype=out_dtype, memory_format=torch.channels_last_3d)
-    add = _ndhwc(input)
+    add = channels_last(input)
     if Ws != W:
         _lerp(x, out, N * T * H, Ws, W, C, transpose=False, add=add)
     else:
@@ -129,7 +123,7 @@ def upsample_add_bwd(grad_out, size, dtype):
     T, H, W); the input's gradient is grad_out itself."""
     N, C, T, H, W = grad_out.shape
     Ts, Hs, Ws = size
-    g = _ndhwc(grad_out)
+    g = channels_last(grad_out)
     steps = [step for step in ((N * T * H, Ws, W, C, (N, T, H, Ws, C)),
                                (N * T, Hs, H, Ws * C, (N, T, Hs, Ws, C)),
                                (N, Ts, T, Hs * Ws * C, (N, Ts, Hs, Ws, C))) if step[1] != step[2]]
