@@ -22,7 +22,6 @@ import argparse
 import cProfile
 import platform
 import pstats
-import subprocess
 import time
 
 import torch
@@ -132,13 +131,15 @@ def main():
                              "default: each kernel's default config")
     parser.add_argument("--no-record", action="store_true", help="print only")
     parser.add_argument("--commit", default="",
-                        help="the code measured, as the record names it (default: git's HEAD)")
+                        help="the code measured, as the record names it (default: "
+                             "$D2CONV_COMMIT, else git's HEAD)")
     args = parser.parse_args()
     rows = measure(args.device, args.calls, args.profile, args.tuned)
     if args.no_record:
         return
     import triton
 
+    from records import commit as records_commit
     from records import gpu_name, merge
 
     cpu = platform.processor() or platform.machine()
@@ -148,8 +149,7 @@ def main():
     except (OSError, StopIteration):
         pass
     name = gpu_name() if args.device == "cuda" else "CPU"
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                           capture_output=True, text=True).stdout.strip()
+    commit = args.commit or records_commit()
     for row in rows:
         merge(f"{name}-host-cost.json",
               dict(row, device=args.device, cpu=cpu, commit=commit, torch=torch.__version__,
