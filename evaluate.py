@@ -29,6 +29,7 @@ from d2conv.errors import (ArgumentParser, BadInput, InputError, MissingInput, e
                            int_range)
 from d2conv.evaluation import (evaluate_results, format_tables, protocol_sequences, run_model,
                                summary)
+from d2conv.graphs import GraphedInference
 from d2conv.metrics import mae, max_f_measure, write_csvs
 from d2conv.model import to_device
 
@@ -47,6 +48,9 @@ def parse_args(argv=None):
     model.add_argument("--dense", action="store_true", help="a clip at every frame (gap 1)")
     model.add_argument("--clips-per-batch", type=int_range(1), default=4,
                        help="clips per forward pass")
+    model.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                       help="run the model eagerly (by default, on a GPU, each clip batch shape "
+                            "is captured as a CUDA graph at its second batch and replayed)")
     model.add_argument("--save-logits", action="store_true", help="also <out>/logits/<seq>.npy")
     model.add_argument("--save-probabilities", action="store_true",
                        help="also <out>/probabilities/<seq>/<frame>.png (for --saliency)")
@@ -137,6 +141,8 @@ def run(args):
                        f"{trained['iou']:.3f}, J&F {trained['J&F']:.3f}")
         print(f"{checkpoint}: {cfg.decoder_conv}{trained or ''}; {len(sequences)} "
               f"{args.set} videos of {davis_root}, clips every {gap} frames -> {results}")
+        if device.type == "cuda" and args.cuda_graphs:
+            model = GraphedInference(model)
         timing = run_model(model, sequences, results, clip_len=cfg.clip_len, gap=gap,
                            clips_per_batch=args.clips_per_batch, amp_dtype=amp,
                            size=tuple(cfg.size) or None,

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .data import davis_sequences, load_mask, read_frames
 from .errors import BadInput, MissingInput
+from .graphs import GraphedInference
 from .inference import clip_windows, predict_video, segment
 from .layers import D2Conv3d
 from .metrics import davis_scores, sequence_measures
@@ -199,6 +200,8 @@ def dilation_maps(model, frames, clip_len=8, amp_dtype=None):
     float32}: each layer's scales (mean over its size channels) upsampled to the frame, from the
     clips starting every ``clip_len`` frames (the last one ending at the last frame).
     """
+    if isinstance(model, GraphedInference):     # replays would not call the hooks
+        model = model.model
     layers = {name: m for name, m in model.named_modules() if isinstance(m, D2Conv3d)}
     captured, hooks = {}, []
     for name, layer in layers.items():

@@ -1,4 +1,5 @@
-"""The training forward and backward of a model as two CUDA graphs, replayed each step.
+"""A model's passes as CUDA graphs: the training forward and backward (``GraphedForward``,
+replayed each step) and the inference forward (``GraphedInference``, per clip shape).
 
 A training step of the paper's model launches thousands of small kernels (ir-CSN-152's 150
 convolutions, recomputed under checkpointing, and their backward), and Python cannot launch them
@@ -11,8 +12,15 @@ loss, the optimizer and everything data-dependent stay eager.
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits = forward(clip)          # a replay for clips of the captured shape
     loss_fn(logits.float(), target).backward()                    # the backward graph's replay
+
+Inference waits on the host the same way, without the backward (docs/design.md#cuda-graphs).
+
+    forward = GraphedInference(model.eval())      # captures each clip shape on its second call
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = forward(clips)
 """
 import contextlib
+import sys
 
 import torch
 from torch import nn
@@ -58,3 +66,64 @@ class GraphedForward:
         if clip.shape == self.shape and clip.dtype == self.dtype and self.model.training:
             return self.replay(clip)
         return self.model(clip)
+
+
+class GraphedInference(nn.Module):
+    """``model``'s inference forward (N, 3, T, H, W) -> logits, replayed from CUDA graphs: one
+    per input shape, dtype and autocast dtype, captured at that input's second call (the first
+    runs eagerly, which compiles and tunes the kernels for it), at most ``max_graphs``, all in
+    one memory pool kept for the wrapper's lifetime. Calls with gradients enabled, with the model
+    in train mode or on CPU tensors run the model eagerly, as do inputs past ``max_graphs``.
+    Each call returns a new tensor. A capture that fails (a forward that reads a GPU value on
+    the host, say) says so in one line on stderr, and every later call runs eagerly.
+
+    ``model`` is the wrapper's submodule: its parameters, modes and device are the model's.
+    Forward hooks on its layers see eager calls only (``d2conv.evaluation.dilation_maps`` runs
+    the model itself)."""
+
+    def __init__(self, model: nn.Module, max_graphs: int = 8):
+        super().__init__()
+        self.model, self.max_graphs = model, max_graphs
+        self.graphs = {}                # key -> (graph, static input, static output)
+        self.seen = set()               # keys called once, eagerly
+        self.pool = None
+        self.failed = False
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        if self.failed or self.model.training or torch.is_grad_enabled() or not clips.is_cuda:
+            return self.model(clips)
+        amp = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        key = (tuple(clips.shape), clips.dtype, clips.device, amp)
+        if key not in self.graphs:
+            if key not in self.seen or len(self.graphs) >= self.max_graphs:
+                self.seen.add(key)
+                return self.model(clips)
+            captured = self._capture(clips, amp)
+            if captured is None:
+                return self.model(clips)
+            self.graphs[key] = captured
+        graph, static_in, static_out = self.graphs[key]
+        static_in.copy_(clips)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, clips, amp):
+        """(graph, static input, static output) of the model on ``clips``; None on failure."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        static_in, graph = clips.clone(), torch.cuda.CUDAGraph()
+        # autocast's weight cache cannot be captured; "thread_local": threads that decode
+        # frames or write masks beside the model may call CUDA while this one captures
+        autocast = (torch.autocast("cuda", dtype=amp, cache_enabled=False) if amp is not None
+                    else contextlib.nullcontext())
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                with autocast:
+                    static_out = self.model(static_in)
+        except RuntimeError as error:
+            self.failed = True
+            reason = " ".join(str(error).split())
+            print(f"CUDA graphs: the inference capture failed ({reason[:200]}); running the "
+                  f"model eagerly", file=sys.stderr, flush=True)
+            return None
+        return graph, static_in, static_out

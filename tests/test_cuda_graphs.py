@@ -1,7 +1,7 @@
 """CUDA graphs: a network of these layers, captured after warm-up (which compiles and tunes the
 kernels), replays equal to eager, forward and forward+backward; so does
-``torch.compile(mode="reduce-overhead")``, which captures graphs itself, and the trainer's graphed
-training forward (d2conv.graphs). GPU only."""
+``torch.compile(mode="reduce-overhead")``, which captures graphs itself, the trainer's graphed
+training forward and evaluate.py's graphed inference (d2conv.graphs). GPU only."""
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2conv.graphs import GraphedForward
+from d2conv.evaluation import dilation_maps
+from d2conv.graphs import GraphedForward, GraphedInference
 from d2conv.layers import D2Conv2d, D2Conv3d, DeformConv2d
 from d2conv.model import EncoderDecoder, to_device
 from d2conv.trainer import Trainer
@@ -163,3 +164,47 @@ def test_a_failed_capture_leaves_the_model_and_the_trainer_trains_eagerly(capsys
     assert trainer.graphs is False and trainer.graphed is None
     assert "the capture failed" in capsys.readouterr().out
     torch.testing.assert_close(out, model.conv(x))
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_graphed_inference_equals_eager(amp):
+    """Each clip shape runs eagerly at its first call and is captured at its second; replays of
+    new clips equal the model's eager forward; gradients on, train mode and hooks' callers
+    (dilation_maps) get the model itself."""
+    torch.manual_seed(0)
+    model = EncoderDecoder("ir_csn_tiny", "d2conv-xyz", mdim=16)
+    for layer in model.modules():               # predictors start at zero: move them off it
+        if hasattr(layer, "predictor"):
+            nn.init.normal_(layer.predictor.weight, std=0.01)
+    model = to_device(model, "cuda").eval()
+    forward = GraphedInference(model)
+    autocast = torch.autocast("cuda", dtype=amp, enabled=amp is not None)
+    shapes = [(2, 3, 4, 64, 96), (1, 3, 4, 64, 96)]
+    with torch.no_grad(), autocast:
+        for call in range(3):
+            for shape in shapes:
+                clip = torch.rand(shape, device="cuda")
+                torch.testing.assert_close(forward(clip), model(clip), rtol=1e-5, atol=1e-5)
+            assert len(forward.graphs) == (0 if call == 0 else len(shapes))
+        kept = forward(clip)
+        forward(torch.rand(shapes[-1], device="cuda"))          # a replay of the same graph
+        torch.testing.assert_close(kept, model(clip), rtol=1e-5, atol=1e-5)
+    assert len(forward.graphs) == len(shapes) and not forward.failed
+    clip = torch.rand(shapes[0], device="cuda")
+    with autocast:                              # gradients on: eager, with a graph to follow
+        out = forward(clip)
+    assert out.grad_fn is not None
+    maps = dilation_maps(forward, clip[0].transpose(0, 1), clip_len=4, amp_dtype=amp)
+    assert maps and maps.keys() == dilation_maps(model, clip[0].transpose(0, 1), 4, amp).keys()
+
+
+def test_a_failed_inference_capture_says_so_once_and_runs_eagerly(capsys):
+    model = HostRead().cuda().eval()
+    forward = GraphedInference(model)
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.rand(2, 3, 2, 4, 4, device="cuda")
+            torch.testing.assert_close(forward(x), model.conv(x))
+    assert forward.failed and not forward.graphs
+    err = capsys.readouterr().err
+    assert err.count("the inference capture failed") == 1 and "running the model eagerly" in err

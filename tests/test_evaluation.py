@@ -14,6 +14,7 @@ from d2conv.data import davis_sequences, load_mask
 from d2conv.data.synthetic import generate
 from d2conv.evaluation import (colormap, evaluate_results, position_scale, read_prediction,
                                run_model, scale_position, write_mask)
+from d2conv.graphs import GraphedInference
 from d2conv.inference import clip_starts, predict_video
 from d2conv.model import EncoderDecoder
 from helpers import one_line_error
@@ -121,6 +122,23 @@ def test_model_results_round_trip(davis, tmp_path):
         assert legend.mode == "RGB" and legend.width > legend.height
     global_row, rows, _ = evaluate_results(davis, tmp_path)
     assert 0.0 <= global_row["J-Mean"] <= 1.0 and len(rows) == 2
+
+
+def test_graphed_inference_off_the_gpu_is_the_model(davis, tmp_path):
+    """evaluate.py's wrapper runs a CPU model as it is: the same logits and dilation maps, in
+    folders named by the model's own layers."""
+    torch.manual_seed(0)
+    model = EncoderDecoder("ir_csn_tiny", "d2conv-xyz", mdim=8)
+    sequences = davis_sequences(davis, "val", 2016)[:1]
+    for name, forward in (("model", model), ("graphed", GraphedInference(model))):
+        run_model(forward, sequences, tmp_path / name, gap=5, save_logits=True,
+                  save_dilation=True)
+    logits = [np.load(tmp_path / name / "logits" / f"{sequences[0].name}.npy")
+              for name in ("model", "graphed")]
+    np.testing.assert_array_equal(*logits)
+    layers = [sorted(p.name for p in (tmp_path / name / "dilation").iterdir() if p.is_dir())
+              for name in ("model", "graphed")]
+    assert layers[0] == layers[1] and len(layers[0]) == 10
 
 
 def test_command_line_evaluation_only(davis, tmp_path, capsys):
