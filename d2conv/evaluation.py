@@ -57,16 +57,22 @@ def segment_videos(model, sequences, clip_len=8, gap=5, clips_per_batch=4, amp_d
                    size=None, workers=4):
     """For each sequence, (sequence, frames uint8 (N, 3, H, W), logits (N, H, W) on the model's
     device, model seconds): the model over clips every ``gap`` frames at ``size`` (None: the
-    frames' own). The next sequence's JPEGs decode on ``workers`` threads while the model runs.
+    frames' own). The next sequence's JPEGs decode on ``workers`` threads while the model runs,
+    into pinned memory for a GPU model (its copy to the GPU then leaves the host free).
     """
     device = next(model.parameters()).device
     model.eval()
+
+    def load(seq):
+        frames = read_frames(seq, pool=decode)
+        return frames.pin_memory() if device.type == "cuda" else frames
+
     with ThreadPoolExecutor(workers) as decode, ThreadPoolExecutor(1) as ahead:
-        upcoming = ahead.submit(read_frames, sequences[0], pool=decode) if sequences else None
+        upcoming = ahead.submit(load, sequences[0]) if sequences else None
         for k, seq in enumerate(sequences):
             frames = upcoming.result()
             if k + 1 < len(sequences):
-                upcoming = ahead.submit(read_frames, sequences[k + 1], pool=decode)
+                upcoming = ahead.submit(load, sequences[k + 1])
             tick = time.perf_counter()
             logits = predict_video(model, frames, clip_len, gap, clips_per_batch, amp_dtype,
                                    size)
