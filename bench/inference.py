@@ -5,10 +5,14 @@
 Weights are random (throughput does not depend on them); the videos are procedural (the
 synthetic generator at 480×854, padded to 480×864 as DAVIS frames are). After one warm-up video
 it times, per decoder and gap (clip spacing; the evaluation protocol, docs/davis.md, uses 5):
-- the model alone: frames already decoded in memory, logits out, synchronised;
+- the model alone: frames already decoded in (pinned) memory, logits out, synchronised;
 - end to end: ``evaluate.py``'s path (``d2conv.evaluation.run_model``), reading the JPEGs and
-  writing the PNG masks, which overlaps both with the model on threads;
-and writes ``<gpu>-inference.json`` among the bench's records (records.py) on a GPU.
+  writing the PNG masks, which overlaps both with the model on threads (``model_s``: the time
+  inside it that the model took);
+and writes ``<gpu>-inference.json`` among the bench's records (records.py) on a GPU. On a GPU
+the model runs as evaluate.py runs it, its clip batches replayed as CUDA graphs
+(``d2conv.graphs.GraphedInference``, captured while the warm-up video runs twice);
+``--graphs on,off`` times it eagerly too.
 ``--ops`` names the model variants timed (profile_model.VARIANTS: ``triton``, the model as
 evaluate.py runs it, channels-last-3d on a GPU through ``d2conv.model.to_device``; ``pytorch``,
 its GroupNorm and depthwise convolutions on PyTorch's kernels, contiguous, as before its Triton
@@ -25,11 +29,12 @@ import triton
 from d2conv.data import davis_sequences
 from d2conv.data.synthetic import generate
 from d2conv.evaluation import read_frames, run_model
+from d2conv.graphs import GraphedInference
 from d2conv.inference import predict_video
 from d2conv.model import EncoderDecoder, to_device
 from kernels import settings
 from profile_model import VARIANTS
-from records import gpu_name, write
+from records import commit, gpu_name, write
 
 
 def model_alone(model, videos, gap, clips_per_batch, amp):
@@ -45,8 +50,8 @@ def model_alone(model, videos, gap, clips_per_batch, amp):
     return frames / seconds
 
 
-def time_decoder(args, decoder, ops, warm, timed, decoded, root, amp, gpu):
-    """The records of one decoder and model variant, at every gap."""
+def time_decoder(args, decoder, ops, graphs, warm, timed, decoded, root, amp, gpu):
+    """The records of one decoder and model variant, eager or replayed, at every gap."""
     cuda = torch.cuda.is_available()
     height, width = map(int, args.size.split("x"))
     records = []
@@ -54,19 +59,25 @@ def time_decoder(args, decoder, ops, warm, timed, decoded, root, amp, gpu):
     channels_last = cuda and ops != "pytorch"
     model = (to_device(model, "cuda") if channels_last else model.to("cuda" if cuda else "cpu"))
     model.eval()
+    graphs = graphs and cuda
     for gap in map(int, args.gaps.split(",")):
         out = root / f"{decoder}-{ops}-{gap}"
-        run_model(model, warm, out, gap=gap, clips_per_batch=args.clips_per_batch, amp_dtype=amp)
-        alone = model_alone(model, decoded, gap, args.clips_per_batch, amp)
-        t = run_model(model, timed, out, gap=gap, clips_per_batch=args.clips_per_batch,
+        forward = GraphedInference(model) if graphs else model      # one per gap: its shapes
+        for _ in range(2):          # a shape is captured at its second batch
+            run_model(forward, warm, out, gap=gap, clips_per_batch=args.clips_per_batch,
+                      amp_dtype=amp)
+        alone = model_alone(forward, decoded, gap, args.clips_per_batch, amp)
+        t = run_model(forward, timed, out, gap=gap, clips_per_batch=args.clips_per_batch,
                       amp_dtype=amp)
         records.append(dict(gpu=gpu, decoder=decoder, ops=ops, channels_last=channels_last,
-                            gap=gap, frames=t["frames"],
+                            cuda_graphs=graphs, gap=gap, frames=t["frames"],
                             height=height, width=width, clips_per_batch=args.clips_per_batch,
                             model_fps=alone, end_to_end_fps=t["frames"] / t["total_s"],
+                            model_s=t["model_s"], total_s=t["total_s"],
                             peak_mib=t["peak_mib"] or 0, torch=torch.__version__,
                             triton=triton.__version__, autotuned=settings.autotune(),
-                            date=time.strftime("%Y-%m-%d")))
+                            commit=commit(), date=time.strftime("%Y-%m-%d")))
+        del forward
         print(records[-1], flush=True)
     del model
     if cuda:
@@ -85,6 +96,8 @@ def main():
     parser.add_argument("--backbone", default="ir_csn_152")
     parser.add_argument("--size", default="480x854", help="frame HxW")
     parser.add_argument("--ops", default="triton", help=f"model variants: {', '.join(VARIANTS)}")
+    parser.add_argument("--graphs", default="on", help="on, off or on,off: the model replayed "
+                                                       "as CUDA graphs, eagerly, or both")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -100,19 +113,24 @@ def main():
     sequences = davis_sequences(root / "data", "val", 2016)
     warm, timed = sequences[:1], sequences[1:]
     decoded = [read_frames(seq) for seq in timed]
+    if cuda:                        # as evaluate.py's path holds them (segment_videos)
+        decoded = [frames.pin_memory() for frames in decoded]
 
     records = []
     for ops in args.ops.split(","):
         with VARIANTS[ops]():
             for decoder in args.decoders.split(","):
-                records += time_decoder(args, decoder, ops, warm, timed, decoded, root, amp, gpu)
+                for graphs in args.graphs.split(","):
+                    records += time_decoder(args, decoder, ops, graphs == "on", warm, timed,
+                                            decoded, root, amp, gpu)
     print(f"\n{gpu}, {args.backbone}, 8-frame clips of {args.size}, bf16 on the GPU")
-    print(f"{'decoder':12} {'ops':8} {'gap':>3} {'model fps':>10} {'end-to-end fps':>15} "
-          f"{'ratio':>6} {'peak MiB':>9}")
+    print(f"{'decoder':12} {'ops':8} {'graphs':>6} {'gap':>3} {'model fps':>10} "
+          f"{'end-to-end fps':>15} {'ratio':>6} {'its model fps':>14} {'peak MiB':>9}")
     for r in records:
-        print(f"{r['decoder']:12} {r['ops']:8} {r['gap']:>3} {r['model_fps']:>10.1f} "
-              f"{r['end_to_end_fps']:>15.1f} {r['end_to_end_fps'] / r['model_fps']:>6.2f} "
-              f"{r['peak_mib']:>9.0f}")
+        print(f"{r['decoder']:12} {r['ops']:8} {'on' if r['cuda_graphs'] else 'off':>6} "
+              f"{r['gap']:>3} {r['model_fps']:>10.1f} {r['end_to_end_fps']:>15.1f} "
+              f"{r['end_to_end_fps'] / r['model_fps']:>6.2f} "
+              f"{r['frames'] / r['model_s']:>14.1f} {r['peak_mib']:>9.0f}")
     if not cuda:
         return
     what = (f"{gpu}, one process, random-weight {args.backbone} model, {args.videos} timed "

@@ -11,7 +11,8 @@ measured (``VARIANTS``): ``triton``, the model as it is; ``pytorch``, GroupNorm 
 convolutions on PyTorch's kernels and the frozen BNs applied after their convolutions (the
 model's computation before its Triton kernels); ``unfolded``, only the BNs unfolded; so one
 process measures each change; ``--graphs`` replays the training step's forward and backward as
-CUDA graphs, as the trainer does on one GPU (d2conv/graphs.py). The kernels' times come from
+CUDA graphs, as the trainer does on one GPU, and the inference batch as evaluate.py does
+(d2conv/graphs.py). The kernels' times come from
 torch.profiler (CUDA activity), summed per category (``CATEGORIES``) and divided by the steps
 profiled; the step's wall time is measured apart, without the profiler. Prints a table per
 configuration and writes <gpu>-profile.json among the bench's records (records.py).
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from d2conv.graphs import GraphedForward
+from d2conv.graphs import GraphedForward, GraphedInference
 
 # (category, pattern on the lower-cased kernel name); the first match wins
 CATEGORIES = [
@@ -116,14 +117,17 @@ def training_step(model, batch=2, size=(8, 480, 864), graphs=False):
     return step
 
 
-def inference_step(model, batch=4, size=(8, 480, 864)):
-    """A closure running the model on a batch of clips in eval mode, as evaluate.py does."""
+def inference_step(model, batch=4, size=(8, 480, 864), graphs=False):
+    """A closure running the model on a batch of clips in eval mode, as evaluate.py does; with
+    ``graphs`` replayed as a CUDA graph (d2conv.graphs.GraphedInference: eager at the first
+    call, captured at the second)."""
     clip = torch.rand(batch, 3, *size, device="cuda").contiguous(memory_format=_format(model))
     model.eval()
+    forward = GraphedInference(model) if graphs else model
 
     def step():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            return model(clip)
+            return forward(clip)
     return step
 
 
@@ -165,8 +169,8 @@ def kernel_times(step, steps):
 
 def measure(model, what, steps, graphs=False):
     """One configuration's record: wall ms a step, kernel ms by category, the top kernels;
-    ``graphs``: the training step's forward and backward replayed as CUDA graphs."""
-    step = training_step(model, graphs=graphs) if what == "train" else inference_step(model)
+    ``graphs``: the step's passes replayed as CUDA graphs."""
+    step = (training_step if what == "train" else inference_step)(model, graphs=graphs)
     step()
     step()                                   # compiles / tunes the kernels, fills the caches
     torch.cuda.reset_peak_memory_stats()
@@ -207,8 +211,8 @@ def main():
     parser.add_argument("--channels-last", action="store_true",
                         help="the model's parameters and input in channels_last_3d")
     parser.add_argument("--graphs", action="store_true",
-                        help="the training step's forward and backward as CUDA graphs (as the "
-                             "trainer runs them on one GPU)")
+                        help="the training step's forward and backward and the inference "
+                             "batch as CUDA graphs (as train.py and evaluate.py run them)")
     parser.add_argument("--no-record", action="store_true", help="print only")
     args = parser.parse_args()
 
@@ -227,7 +231,7 @@ def main():
         for what in args.what.split(","):
             for ops in args.ops.split(","):
                 with VARIANTS[ops]():
-                    graphs = args.graphs and what == "train"
+                    graphs = args.graphs
                     row = dict(what=what, decoder=decoder, ops=ops,
                                channels_last=args.channels_last,
                                **({"graphs": True} if graphs else {}),
