@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import kernels
 from kernels import naive
 from records import record_timing
-from test_kernel_speed import time_case, timed
+from test_kernel_speed import captured, time_case, timed
 
 SHAPES = {  # name: (N, C_in, C_out, H, W)
     "det64": (8, 256, 256, 64, 64),
@@ -179,18 +179,10 @@ def test_captured_forward(benchmark, op):
     the host's per-call Python and launches (which bound the eager forward at this shape)."""
     torch.manual_seed(0)
     fn, inputs = make(SHAPES["det64"], "bfloat16", op)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):                  # compile (and tune) outside the capture
-            fn(*inputs)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(*inputs)
-    graph.replay()
+    replay, out = captured(lambda: fn(*inputs))
+    replay()
     torch.testing.assert_close(out, fn(*inputs), rtol=1e-5, atol=1e-5)
-    median_ms, _ = time_case(benchmark, graph.replay, "fwd")
+    median_ms, _ = time_case(benchmark, replay, "fwd")
     record_timing("-2d.json", dict(shape="det64", dtype="bfloat16", op=f"{op}+graph",
                                    **{"pass": "fwd"}, median_ms=median_ms, peak_extra_mib=None,
                                    rel_errors=None))

@@ -115,6 +115,22 @@ def timed(fn, inputs, pass_):
     return lambda: torch.autograd.grad(fn(*leaves), leaves, grad_out)
 
 
+def captured(run):
+    """(the replay of ``run`` captured in a CUDA graph, the captured call's output): the GPU's
+    time of a pass without the host's Python and launches, as a model replayed by d2conv.graphs
+    runs it. Three calls on a side stream first compile (and tune) outside the capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph.replay, out
+
+
 def peak_extra_mib(run):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

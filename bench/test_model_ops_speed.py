@@ -12,6 +12,10 @@ against PyTorch's kernels: `pytest bench/test_model_ops_speed.py` on a GPU.
   rf3) under bf16 autocast. ``triton``: ``kernels.upsample_add``; ``pytorch``: the composite
   (F.interpolate in fp32, then the sum).
 
+GroupNorm and depthwise also as ``triton+graph``: the Triton pass captured in a CUDA graph and
+replayed, the GPU's time without the host's (which bounds the eager calls at the smaller shapes),
+as the model's replayed training step and inference run them.
+
 bf16, both memory formats, forward ("fwd") and forward+backward ("fwdbwd"). Each case records
 the CUDA-event median of triton.testing.do_bench and the bytes the pass must move over it, as
 GB/s and as a fraction of the card's DRAM bandwidth (``BANDWIDTH``), in <gpu>-model-ops.json
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 import kernels
 from kernels.checks import output_size
 from records import commit, gpu_name, merge
-from test_kernel_speed import time_case, timed
+from test_kernel_speed import captured, time_case, timed
 
 # name: (shape, groups, relu)
 NORM_SHAPES = {
@@ -66,7 +70,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmark
 
 
 def norm_fn(impl, groups, relu):
-    if impl == "triton":
+    if impl.startswith("triton"):
         return lambda x, w, b: kernels.group_norm(x, groups, w, b, relu=relu)
     # PyTorch's kernels take the affine in the input's dtype
     return lambda x, w, b: F.group_norm(F.relu(x) if relu else x, groups, w.to(x.dtype),
@@ -74,7 +78,7 @@ def norm_fn(impl, groups, relu):
 
 
 def depthwise_fn(impl, stride):
-    if impl == "triton":
+    if impl.startswith("triton"):
         return lambda x, w: kernels.depthwise_conv3d(x, w, None, stride, 1)
     return lambda x, w: F.conv3d(x, w, None, stride, 1, groups=x.shape[1])
 
@@ -89,6 +93,12 @@ def upsample_fn(impl):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return op(s, p)
     return fn
+
+
+def run_of(impl, fn, inputs, pass_):
+    """One pass of ``fn``, eager or (``triton+graph``) the replay of its capture."""
+    run = timed(fn, inputs, pass_)
+    return captured(run)[0] if impl.endswith("+graph") else run
 
 
 def check(fn, inputs, ref_fn):
@@ -120,7 +130,7 @@ def record(entry, bytes_moved, median_ms):
 
 
 @pytest.mark.parametrize("pass_", ["fwd", "fwdbwd"])
-@pytest.mark.parametrize("impl", ["triton", "pytorch"])
+@pytest.mark.parametrize("impl", ["triton", "triton+graph", "pytorch"])
 @pytest.mark.parametrize("layout", FORMATS)
 @pytest.mark.parametrize("shape", NORM_SHAPES)
 def test_group_norm_speed(benchmark, shape, layout, impl, pass_):
@@ -135,7 +145,7 @@ def test_group_norm_speed(benchmark, shape, layout, impl, pass_):
     x = torch.randn(size, device="cuda", dtype=torch.bfloat16).contiguous(
         memory_format=FORMATS[layout])
     w, b = torch.rand(C, device="cuda") + 0.5, torch.randn(C, device="cuda")
-    median_ms, _ = time_case(benchmark, timed(fn, [x, w, b], pass_), pass_)
+    median_ms, _ = time_case(benchmark, run_of(impl, fn, [x, w, b], pass_), pass_)
     passes = 3 if pass_ == "fwd" else 8
     record(dict(op="group_norm", shape=shape, size=list(size), groups=groups, relu=relu,
                 format=layout, impl=impl, dtype="bfloat16", **{"pass": pass_}),
@@ -143,7 +153,7 @@ def test_group_norm_speed(benchmark, shape, layout, impl, pass_):
 
 
 @pytest.mark.parametrize("pass_", ["fwd", "fwdbwd"])
-@pytest.mark.parametrize("impl", ["triton", "pytorch"])
+@pytest.mark.parametrize("impl", ["triton", "triton+graph", "pytorch"])
 @pytest.mark.parametrize("layout", FORMATS)
 @pytest.mark.parametrize("shape", DEPTHWISE_SHAPES)
 def test_depthwise_speed(benchmark, shape, layout, impl, pass_):
@@ -158,7 +168,7 @@ def test_depthwise_speed(benchmark, shape, layout, impl, pass_):
     x = torch.randn(size, device="cuda", dtype=torch.bfloat16).contiguous(
         memory_format=FORMATS[layout])
     w = (torch.randn(C, 1, 3, 3, 3, device="cuda") / 27 ** 0.5).to(torch.bfloat16)
-    median_ms, _ = time_case(benchmark, timed(fn, [x, w], pass_), pass_)
+    median_ms, _ = time_case(benchmark, run_of(impl, fn, [x, w], pass_), pass_)
     out = output_size(size[2:], (3, 3, 3), (stride,) * 3, (1, 1, 1), (1, 1, 1))
     in_bytes, out_bytes = x.numel() * x.element_size(), x.numel() // math.prod(size[2:]) * \
         math.prod(out) * x.element_size()
