@@ -177,26 +177,31 @@ def d2conv2d(input, size, weight, bias=None, stride=1, padding=0, dilation=1, ma
     return _as_input_format(out.squeeze(2), input)
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, relu=False):
-    """GroupNorm with ``F.group_norm``'s semantics; with ``relu`` of ReLU(input), in the same
-    passes (the refine unit's conv -> ReLU -> GroupNorm without a ReLU pass of its own).
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, relu=False,
+               input_bias=None):
+    """GroupNorm with ``F.group_norm``'s semantics of x = input + input_bias (per channel, where
+    given); with ``relu`` of ReLU(x), in the same passes (the refine unit's conv -> ReLU ->
+    GroupNorm without a ReLU pass of its own, and without the conv's bias pass when its bias is
+    given here).
 
     input:  (N, C, *), any memory format; C divisible by num_groups
-    weight, bias: (C,) or None (any float dtype; their gradients come in it)
+    weight, bias, input_bias: (C,) or None (any float dtype; their gradients come in it)
     return: input's shape, dtype and memory format
 
     Statistics (mean, 1/sqrt(var + eps), biased variance over C/num_groups channels and every
-    spatial position) are fp32 whatever the input's dtype. Under ``torch.autocast`` the input
-    keeps its dtype: autocast's fp32 policy for group_norm exists to keep the statistics in fp32,
-    which the kernels do anyway, and an fp32 copy of the input would double the bytes moved.
+    spatial position) are fp32 whatever the input's dtype, and so is input + input_bias. Under
+    ``torch.autocast`` the input keeps its dtype: autocast's fp32 policy for group_norm exists to
+    keep the statistics in fp32, which the kernels do anyway, and an fp32 copy of the input would
+    double the bytes moved.
     """
     if not _use_triton(input):
-        return naive.group_norm(input, num_groups, weight, bias, eps, relu)
-    check_group_norm(input, num_groups, weight, bias, eps)
+        return naive.group_norm(input, num_groups, weight, bias, eps, relu, input_bias)
+    check_group_norm(input, num_groups, weight, bias, eps, input_bias)
     eps = float(eps)
     if _traced(input):
-        return torch.ops.d2conv.group_norm(input, num_groups, weight, bias, eps, relu)[0]
-    return ops.GroupNormFunction.apply(input, weight, bias, num_groups, eps, relu)
+        return torch.ops.d2conv.group_norm(input, num_groups, weight, bias, eps, relu,
+                                           input_bias)[0]
+    return ops.GroupNormFunction.apply(input, weight, bias, num_groups, eps, relu, input_bias)
 
 
 def depthwise_conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1):

@@ -203,8 +203,8 @@ def checked_geometry(input, coords, weight, bias, stride, padding, dilation, mas
     return geo
 
 
-def check_group_norm(input, num_groups, weight, bias, eps):
-    """Validate a ``group_norm`` call (``F.group_norm``'s arguments)."""
+def check_group_norm(input, num_groups, weight, bias, eps, input_bias=None):
+    """Validate a ``group_norm`` call (``F.group_norm``'s arguments and the input bias)."""
     if not isinstance(input, torch.Tensor):
         raise ValueError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() < 2:
@@ -215,12 +215,14 @@ def check_group_norm(input, num_groups, weight, bias, eps):
     if not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing the input's {C} channels, "
                          f"got {num_groups!r}")
-    for name, t in (("weight", weight), ("bias", bias)):
+    for name, t in (("weight", weight), ("bias", bias), ("input_bias", input_bias)):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (C,):
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a tensor of shape ({C},), got {shape}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
         if t.device != input.device:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
     if not eps > 0:

@@ -176,14 +176,18 @@ def _deform_conv3d(geo, input, offset, weight, bias, mask, fixed=None):
     return out.to(out_dtype)
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, relu=False):
-    """Reference GroupNorm of ``input`` (of ReLU(input) with ``relu``); shapes as in
-    ``kernels.group_norm``. Statistics and affine in fp32 (float64 for float64 input), the output
-    in the input's dtype and memory format, also under autocast."""
-    check_group_norm(input, num_groups, weight, bias, eps)
-    x = F.relu(input) if relu else input
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, relu=False,
+               input_bias=None):
+    """Reference GroupNorm of x = input (+ input_bias per channel), of ReLU(x) with ``relu``;
+    shapes as in ``kernels.group_norm``. Input bias, statistics and affine in fp32 (float64 for
+    float64 input), the output in the input's dtype and memory format, also under autocast."""
+    check_group_norm(input, num_groups, weight, bias, eps, input_bias)
     dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     C = input.shape[1]
+    x = input.to(dtype)
+    if input_bias is not None:
+        x = x + input_bias.to(dtype).view(C, *[1] * (input.dim() - 2))
+    x = F.relu(x) if relu else x
     # F.group_norm's CPU backward fails on a bias without a weight and on channels-last input
     # (PyTorch 2.13): both are given, and the input is contiguous
     if (weight is None) != (bias is None):
@@ -191,7 +195,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, relu=False):
         bias = torch.zeros(C, device=input.device) if bias is None else bias
     weight, bias = (None if t is None else t.to(dtype) for t in (weight, bias))
     with torch.autocast(input.device.type, enabled=False):
-        out = F.group_norm(x.to(dtype).contiguous(), num_groups, weight, bias, eps)
+        out = F.group_norm(x.contiguous(), num_groups, weight, bias, eps)
     return out.to(input.dtype).contiguous(memory_format=_memory_format(input))
 
 

@@ -1,12 +1,15 @@
-"""GroupNorm forward and backward (``kernels.group_norm``), optionally of ReLU(input), with every
-(sample, group) reduction split over the spatial axis so that a few large groups (the refine
-units' GroupNorm(1, 256) on (2, 256, 8, 120, 216)) still spread over the whole GPU.
+"""GroupNorm forward and backward (``kernels.group_norm``), optionally of ReLU(input) and of the
+input plus a per-channel input bias (a conv's bias), with every (sample, group) reduction split
+over the spatial axis so that a few large groups (the refine units' GroupNorm(1, 256) on
+(2, 256, 8, 120, 216)) still spread over the whole GPU.
 
 The input is viewed as (N, C, S), S the product of the spatial sizes, in one of two layouts:
 contiguous (positions contiguous, channel stride S) or channels-last (channels contiguous,
 position stride C; also any input without spatial extent). Each kernel takes the layout as a
 constexpr and moves tiles along the contiguous axis: [BLOCK_S, BLOCK_C] channels-last,
-[BLOCK_C, BLOCK_S] contiguous. G groups of Cg = C / G channels; x below is ReLU(input) with relu.
+[BLOCK_C, BLOCK_S] contiguous. G groups of Cg = C / G channels; x below is input + input_bias[c]
+in fp32 (HAS_INPUT_BIAS; each pass that reads the input adds it to every tile it loads), ReLU
+applied with relu.
 
 Forward, three launches (a program streams up to PROGRAM_BYTES of each tensor it reads):
   _gn_stats_kernel      one program per chunk of a group (n, g): C_CHUNK channels x S_CHUNK
@@ -14,20 +17,28 @@ Forward, three launches (a program streams up to PROGRAM_BYTES of each tensor it
                         sums shifted by the lane's first value, the lanes merged exactly at the end
   _gn_combine_kernel    one per (n, g): Chan's formula over the chunks -> mean, rstd (N, G)
   _gn_normalise_kernel  one per (n, channel block, spatial chunk): y = (x - mean) * rstd * w + b
-Backward (g = grad_out, xhat = (x - mean) * rstd, M = Cg * S), four launches:
+Backward (g = grad_out, xhat = (x - mean) * rstd, M = Cg * S), four launches (five with the
+input bias's gradient):
   _gn_grad_sums_kernel      per (n, channel block, spatial chunk): sum_s g and sum_s g * xhat of
                             each channel -> partial sums (2, N, N_SC, C)
   _gn_grad_channels_kernel  per channel block: A = sum_s g, B = sum_s g * xhat (N, C);
                             grad_bias = sum_n A, grad_weight = sum_n B
   _gn_grad_groups_kernel    per (n, g): m1 = sum_c w A / M, m2 = sum_c w B / M
   _gn_grad_input_kernel     per (n, channel block, spatial chunk):
-                            grad_input = rstd * (w * g - m1 - xhat * m2), times (input > 0)
-                            with relu
+                            grad_input = rstd * (w * g - m1 - xhat * m2), times (x > 0 before
+                            the ReLU) with relu; with the input bias's gradient, also the sum
+                            of its fp32 grad_input over each channel -> partial sums (N, N_SC, C)
+                            (grad_input itself stored only where needed)
+  _gn_grad_channels_kernel  once more with the input bias's gradient, on those partial sums
+                            alone: grad_input_bias = their sum over samples and chunks
 Bytes moved per element (b bytes an element): the forward reads the input twice and writes the
 output, 3b; the backward reads the input and grad_out twice and writes grad_input, 5b (3b
-without grad_input). The elementwise passes take their programs in the reverse order of the
-reductions before them, so that they start on what those left in L2. No atomics: every result
-is written once, the same on every run.
+without grad_input). The input bias adds C values to each pass's reads and, for its gradient,
+the partial sums (N, N_SC, C) fp32, written once and read once: in bf16 channels-last, 1.7 MB
+(0.26% of the last pass's bytes) at (2, 256, 8, 120, 216), 0.2 MB (2.1%) at (2, 256, 2, 30, 54).
+The elementwise passes take their programs in the reverse order of the reductions before them,
+so that they start on what those left in L2. No atomics: every result is written once, the same
+on every run.
 """
 import functools
 import math
@@ -81,9 +92,34 @@ def _block_of(pid, N_CB, N_SC, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _as_x(v, RELU: tl.constexpr):
-    """A loaded input tile in fp32, ReLU applied with RELU."""
+def _input_bias(ib_ptr, c, c_end, HAS_INPUT_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """The input bias of channels c.. in fp32 (0 from c_end on), broadcast along a tile's
+    positions; 0 without HAS_INPUT_BIAS."""
+    if HAS_INPUT_BIAS:
+        i_c = c + tl.arange(0, BLOCK_C)
+        ib = tl.load(ib_ptr + i_c, mask=i_c < c_end, other=0.0).to(tl.float32)
+        return _per_channel(ib, CHANNELS_LAST)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _tile_zeros(CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """An fp32 accumulator of a tile's shape."""
+    if CHANNELS_LAST:
+        return tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
+    else:
+        return tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+
+
+@triton.jit
+def _as_x(v, ib, RELU: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr):
+    """A loaded input tile in fp32, plus ``ib`` (the input bias of its channels, broadcast along
+    its positions) with HAS_INPUT_BIAS, ReLU applied with RELU."""
     x = v.to(tl.float32)
+    if HAS_INPUT_BIAS:
+        x += ib
     if RELU:
         x = tl.maximum(x, 0.0)
     return x
@@ -102,12 +138,13 @@ def _chunk_tile(ptr, t, n_s, c_first, s_first, c_end, s_end, stride_r,
 @triton.jit
 def _gn_stats_kernel(
     x_ptr,      # input (N, C, S), contiguous or channels-last
+    ib_ptr,     # input bias (C,), any float dtype (when HAS_INPUT_BIAS)
     part_ptr,   # fp32 (N*G, N_CC*N_SC, 2): mean and M2 of each chunk
     S, G, Cg_q,                 # Cg / CG_ALIGN (Cg, channels per group, in units of CG_ALIGN)
     TILES_C, TILES_S, N_CC, N_SC,   # a chunk's tiles along each axis; chunks along each axis
     stride_n_q, stride_r_q,     # strides of n and of the non-contiguous axis, in ALIGN elements
-    RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
-    CG_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    RELU: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    ALIGN: tl.constexpr, CG_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # chunk (cc, sc) of group g: channels cc*C_CHUNK.. of the group, positions sc*S_CHUNK..;
     # programs numbered in memory order
@@ -141,7 +178,9 @@ def _gn_stats_kernel(
     # tile is outside it in every tile); the next tile is loaded before a tile is summed
     ptrs, mask = _tile(x_n, c_first, s_first, c_end, s_end, stride_r, CHANNELS_LAST,
                        BLOCK_C, BLOCK_S)
-    shift = _as_x(tl.load(ptrs, mask=mask, other=0.0), RELU)
+    shift = _as_x(tl.load(ptrs, mask=mask, other=0.0),
+                  _input_bias(ib_ptr, c_first, c_end, HAS_INPUT_BIAS, CHANNELS_LAST, BLOCK_C),
+                  RELU, HAS_INPUT_BIAS)
     s1 = tl.zeros_like(shift)
     s2 = tl.zeros_like(shift)
     ptrs, mask = _chunk_tile(x_n, 1, n_s, c_first, s_first, c_end, s_end, stride_r,
@@ -151,7 +190,9 @@ def _gn_stats_kernel(
         ptrs, next_mask = _chunk_tile(x_n, t + 1, n_s, c_first, s_first, c_end, s_end,
                                       stride_r, CHANNELS_LAST, BLOCK_C, BLOCK_S)
         next_v = tl.load(ptrs, mask=next_mask, other=0.0)
-        d = tl.where(mask, _as_x(v, RELU) - shift, 0.0)
+        ib = _input_bias(ib_ptr, c_first + (t // n_s) * BLOCK_C, c_end, HAS_INPUT_BIAS,
+                         CHANNELS_LAST, BLOCK_C)      # of tile t's channels
+        d = tl.where(mask, _as_x(v, ib, RELU, HAS_INPUT_BIAS) - shift, 0.0)
         s1 += d
         s2 += d * d
         v, mask = next_v, next_mask
@@ -227,10 +268,11 @@ def _gn_normalise_kernel(
     rstd_ptr,   # fp32 (N, G)
     w_ptr,      # (C,), any float dtype (when HAS_WEIGHT)
     b_ptr,      # (C,), any float dtype (when HAS_BIAS)
+    ib_ptr,     # input bias (C,), any float dtype (when HAS_INPUT_BIAS)
     C, S, G, Cg, N_CB, N_SC, TILES_S,     # TILES_S tiles of BLOCK_S positions a chunk
     stride_n_q, stride_r_q,     # strides of n and of the non-contiguous axis, in ALIGN elements
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+    HAS_INPUT_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid = tl.num_programs(0) - 1 - tl.program_id(0)     # the statistics' last chunks first
@@ -251,6 +293,7 @@ def _gn_normalise_kernel(
     mean = _per_channel(mean, CHANNELS_LAST)
     scale = _per_channel(scale, CHANNELS_LAST)
     shift = _per_channel(shift, CHANNELS_LAST)
+    ib = _input_bias(ib_ptr, c, C, HAS_INPUT_BIAS, CHANNELS_LAST, BLOCK_C)
 
     s_first = sc * TILES_S * BLOCK_S
     s_end = tl.minimum(s_first + TILES_S * BLOCK_S, S)
@@ -262,7 +305,7 @@ def _gn_normalise_kernel(
         ptrs, next_mask = _tile(x_ptr + offset_n, c, s + BLOCK_S, C, s_end, stride_r,
                                 CHANNELS_LAST, BLOCK_C, BLOCK_S)
         next_v = tl.load(ptrs, mask=next_mask, other=0.0)
-        y = (_as_x(v, RELU) - mean) * scale + shift
+        y = (_as_x(v, ib, RELU, HAS_INPUT_BIAS) - mean) * scale + shift
         out, _ = _tile(y_ptr + offset_n, c, s, C, s_end, stride_r, CHANNELS_LAST,
                        BLOCK_C, BLOCK_S)
         tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -275,11 +318,12 @@ def _gn_grad_sums_kernel(
     g_ptr,      # grad_out, same layout
     mean_ptr,   # fp32 (N, G)
     rstd_ptr,   # fp32 (N, G)
+    ib_ptr,     # input bias (C,), any float dtype (when HAS_INPUT_BIAS)
     part_ptr,   # fp32 (2, N, N_SC, C): sum of g and of g * xhat over each chunk
     N, C, S, G, Cg, N_CB, N_SC, TILES_S,  # TILES_S tiles of BLOCK_S positions a chunk
     stride_n_q, stride_r_q,     # strides of n and of the non-contiguous axis, in ALIGN elements
-    RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    RELU: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     n, cb, sc = _block_of(tl.program_id(0), N_CB, N_SC, CHANNELS_LAST)
     stride_r = stride_r_q * ALIGN
@@ -290,13 +334,11 @@ def _gn_grad_sums_kernel(
     grp = n * G + i_c // Cg
     mean = _per_channel(tl.load(mean_ptr + grp, mask=c_ok, other=0.0), CHANNELS_LAST)
     rstd = _per_channel(tl.load(rstd_ptr + grp, mask=c_ok, other=0.0), CHANNELS_LAST)
+    ib = _input_bias(ib_ptr, c, C, HAS_INPUT_BIAS, CHANNELS_LAST, BLOCK_C)
 
     s_first = sc * TILES_S * BLOCK_S
     s_end = tl.minimum(s_first + TILES_S * BLOCK_S, S)
-    if CHANNELS_LAST:
-        sum_g = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
-    else:
-        sum_g = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+    sum_g = _tile_zeros(CHANNELS_LAST, BLOCK_C, BLOCK_S)
     sum_gx = tl.zeros_like(sum_g)
     ptrs, mask = _tile(x_ptr + offset_n, c, s_first, C, s_end, stride_r, CHANNELS_LAST,
                        BLOCK_C, BLOCK_S)
@@ -314,7 +356,7 @@ def _gn_grad_sums_kernel(
         next_g = tl.load(g_ptrs, mask=next_mask, other=0.0)
         g32 = g.to(tl.float32)
         sum_g += g32
-        sum_gx += g32 * ((_as_x(v, RELU) - mean) * rstd)
+        sum_gx += g32 * ((_as_x(v, ib, RELU, HAS_INPUT_BIAS) - mean) * rstd)
         v, g, mask = next_v, next_g, next_mask
     axis: tl.constexpr = 0 if CHANNELS_LAST else 1
     out = part_ptr + (tl.cast(n, tl.int64) * N_SC + sc) * C + i_c
@@ -324,7 +366,8 @@ def _gn_grad_sums_kernel(
 
 @triton.jit
 def _gn_grad_channels_kernel(
-    part_ptr,   # fp32 (2, N, N_SC, C): sum of g and of g * xhat over each chunk
+    part_ptr,   # fp32 (2, N, N_SC, C): sum of g and of g * xhat over each chunk; only the first
+                # half when neither NEED_INPUT nor NEED_WEIGHT
     w_ptr,      # weight (C,), any float dtype (when HAS_WEIGHT)
     wsum_ptr,   # fp32 (2, N, C): w * A and w * B (when NEED_INPUT)
     gw_ptr,     # fp32 (C,): grad_weight = sum_n B (when NEED_WEIGHT)
@@ -350,7 +393,8 @@ def _gn_grad_channels_kernel(
             ok = (p < N_SC)[:, None] & c_ok[None, :]
             ptrs = part_ptr + tl.cast(n * N_SC + p, tl.int64)[:, None] * C + i_c[None, :]
             acc_a += tl.load(ptrs, mask=ok, other=0.0)
-            acc_b += tl.load(ptrs + second, mask=ok, other=0.0)
+            if NEED_INPUT or NEED_WEIGHT:
+                acc_b += tl.load(ptrs + second, mask=ok, other=0.0)
         a = tl.sum(acc_a, axis=0)
         b = tl.sum(acc_b, axis=0)
         grad_b += a
@@ -390,14 +434,17 @@ def _gn_grad_groups_kernel(
 def _gn_grad_input_kernel(
     x_ptr,      # input (N, C, S), contiguous or channels-last
     g_ptr,      # grad_out, same layout
-    dx_ptr,     # grad_input, same layout
+    dx_ptr,     # grad_input, same layout (when NEED_INPUT)
     mean_ptr,   # fp32 (N, G)
     rstd_ptr,   # fp32 (N, G)
     m_ptr,      # fp32 (2, N*G): m1, m2
     w_ptr,      # (C,), any float dtype (when HAS_WEIGHT)
+    ib_ptr,     # input bias (C,), any float dtype (when HAS_INPUT_BIAS)
+    dib_ptr,    # fp32 (N, N_SC, C): sum of grad_input over each chunk (when NEED_INPUT_BIAS)
     N, C, S, G, Cg, N_CB, N_SC, TILES_S,  # TILES_S tiles of BLOCK_S positions a chunk
     stride_n_q, stride_r_q,     # strides of n and of the non-contiguous axis, in ALIGN elements
-    HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr,
+    NEED_INPUT: tl.constexpr, NEED_INPUT_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid = tl.num_programs(0) - 1 - tl.program_id(0)     # the sums' last chunks first
@@ -418,9 +465,11 @@ def _gn_grad_input_kernel(
     m1 = _per_channel(tl.load(m_ptr + grp, mask=c_ok, other=0.0) * rstd, CHANNELS_LAST)
     m2 = _per_channel(tl.load(m_ptr + N * G + grp, mask=c_ok, other=0.0) * rstd * rstd,
                       CHANNELS_LAST)
+    ib = _input_bias(ib_ptr, c, C, HAS_INPUT_BIAS, CHANNELS_LAST, BLOCK_C)
 
     s_first = sc * TILES_S * BLOCK_S
     s_end = tl.minimum(s_first + TILES_S * BLOCK_S, S)
+    sum_dx = _tile_zeros(CHANNELS_LAST, BLOCK_C, BLOCK_S)
     ptrs, mask = _tile(x_ptr + offset_n, c, s_first, C, s_end, stride_r, CHANNELS_LAST,
                        BLOCK_C, BLOCK_S)
     g_ptrs, _ = _tile(g_ptr + offset_n, c, s_first, C, s_end, stride_r, CHANNELS_LAST,
@@ -435,15 +484,22 @@ def _gn_grad_input_kernel(
                           CHANNELS_LAST, BLOCK_C, BLOCK_S)
         next_v = tl.load(ptrs, mask=next_mask, other=0.0)
         next_g = tl.load(g_ptrs, mask=next_mask, other=0.0)
-        x = v.to(tl.float32)
+        x = _as_x(v, ib, False, HAS_INPUT_BIAS)
         g32 = g.to(tl.float32)
         dx = w_rstd * g32 - m1 - (x - mean) * m2
         if RELU:    # where x > 0, ReLU(x) = x
             dx = tl.where(x > 0.0, dx, 0.0)
-        out, _ = _tile(dx_ptr + offset_n, c, s, C, s_end, stride_r, CHANNELS_LAST,
-                       BLOCK_C, BLOCK_S)
-        tl.store(out, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if NEED_INPUT_BIAS:     # the masked-off lanes' dx is not 0
+            sum_dx += tl.where(mask, dx, 0.0)
+        if NEED_INPUT:
+            out, _ = _tile(dx_ptr + offset_n, c, s, C, s_end, stride_r, CHANNELS_LAST,
+                           BLOCK_C, BLOCK_S)
+            tl.store(out, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         v, g, mask = next_v, next_g, next_mask
+    if NEED_INPUT_BIAS:
+        axis: tl.constexpr = 0 if CHANNELS_LAST else 1
+        out = dib_ptr + (tl.cast(n, tl.int64) * N_SC + sc) * C + i_c
+        tl.store(out, tl.sum(sum_dx, axis=axis), mask=c_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,12 +624,13 @@ def _dense(input):
     return _like(input, out), out, layout
 
 
-def group_norm_fwd(input, num_groups, weight, bias, eps, relu):
-    """(out, mean, rstd): GroupNorm of input (of ReLU(input) with relu), with
+def group_norm_fwd(input, num_groups, weight, bias, eps, relu, input_bias=None):
+    """(out, mean, rstd): GroupNorm of x = input (+ input_bias[c]), ReLU(x) with relu, with
     ``kernels.group_norm``'s shapes; mean and rstd = 1/sqrt(var + eps) fp32 (N, num_groups), of
-    ReLU(input) with relu."""
+    that x."""
     x, out, cl = _dense(input)
-    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
+    weight, bias, input_bias = (None if t is None else t.contiguous()
+                                for t in (weight, bias, input_bias))
     N, C, S, stride_n, stride_r = _geometry(x, cl)
     G = num_groups
     Cg = C // G
@@ -589,6 +646,7 @@ def group_norm_fwd(input, num_groups, weight, bias, eps, relu):
     align = _alignment(stride_r)
     layout = dict(stride_n_q=stride_n // align, stride_r_q=stride_r // align, CHANNELS_LAST=cl,
                   ALIGN=align)
+    has_ib = input_bias is not None
     size = x.element_size()
 
     block_c, block_s, warps = _tile_shape(cl, Cg, S, size, REDUCE_TILE_BYTES,
@@ -598,9 +656,11 @@ def group_norm_fwd(input, num_groups, weight, bias, eps, relu):
     part = torch.empty((N * G, split, 2), device=dev, dtype=torch.float32)
     # Cg in units of its alignment, for vector loads at each group's first channel
     cg_align = _alignment(Cg)
-    _launch(_gn_stats_kernel, N * G * split, warps, x_ptr=x, part_ptr=part, S=S, G=G,
+    _launch(_gn_stats_kernel, N * G * split, warps, x_ptr=x,
+            ib_ptr=input_bias if has_ib else part, part_ptr=part, S=S, G=G,
             Cg_q=Cg // cg_align, TILES_C=tiles_c, TILES_S=tiles_s, N_CC=n_cc, N_SC=n_sc,
-            RELU=relu, CG_ALIGN=cg_align, BLOCK_C=block_c, BLOCK_S=block_s, **layout)
+            RELU=relu, HAS_INPUT_BIAS=has_ib, CG_ALIGN=cg_align, BLOCK_C=block_c,
+            BLOCK_S=block_s, **layout)
     _launch(_gn_combine_kernel, N * G, 4, part_ptr=part, mean_ptr=mean, rstd_ptr=rstd, S=S,
             Cg=Cg, C_CHUNK=tiles_c * block_c, S_CHUNK=tiles_s * block_s, N_SC=n_sc, SPLIT=split,
             eps=eps,
@@ -611,37 +671,48 @@ def group_norm_fwd(input, num_groups, weight, bias, eps, relu):
     _, tiles_s, n_cb, n_sc = _chunks(C, S, block_c, block_s, N, size, dev, channel_blocks=False)
     _launch(_gn_normalise_kernel, N * n_cb * n_sc, warps, x_ptr=x, y_ptr=y, mean_ptr=mean,
             rstd_ptr=rstd, w_ptr=weight if weight is not None else mean,
-            b_ptr=bias if bias is not None else mean, C=C, S=S, G=G, Cg=Cg, N_CB=n_cb,
-            N_SC=n_sc, TILES_S=tiles_s, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, RELU=relu, BLOCK_C=block_c, BLOCK_S=block_s, **layout)
+            b_ptr=bias if bias is not None else mean, ib_ptr=input_bias if has_ib else mean,
+            C=C, S=S, G=G, Cg=Cg, N_CB=n_cb, N_SC=n_sc, TILES_S=tiles_s,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu,
+            HAS_INPUT_BIAS=has_ib, BLOCK_C=block_c, BLOCK_S=block_s, **layout)
     if y is not out:
         out.copy_(y)
     return out, mean, rstd
 
 
-def group_norm_bwd(grad_out, input, mean, rstd, weight, num_groups, relu, *, need_input,
-                   need_weight, need_bias):
-    """(grad_input, grad_weight, grad_bias) of ``group_norm_fwd``, None where not needed:
-    grad_input in input's dtype and memory format (torch.empty_like(input)), grad_weight and
-    grad_bias (C,) in weight's dtype (fp32 without a weight). ``weight`` None is a weight of 1."""
-    if not (need_input or need_weight or need_bias):
-        return None, None, None
+def group_norm_bwd(grad_out, input, mean, rstd, weight, num_groups, relu, input_bias=None, *,
+                   need_input, need_weight, need_bias, need_input_bias=False):
+    """(grad_input, grad_weight, grad_bias, grad_input_bias) of ``group_norm_fwd``, None where
+    not needed: grad_input in input's dtype and memory format (torch.empty_like(input)),
+    grad_weight and grad_bias (C,) in weight's dtype (fp32 without a weight), grad_input_bias
+    (C,) in input_bias's. ``weight`` None is a weight of 1."""
+    need_input_bias = need_input_bias and input_bias is not None
+    if not (need_input or need_weight or need_bias or need_input_bias):
+        return None, None, None, None
     x, dx_out, cl = _dense(input)
     g = _like(grad_out, x)
-    weight = None if weight is None else weight.contiguous()
+    weight, input_bias = (None if t is None else t.contiguous() for t in (weight, input_bias))
     N, C, S, stride_n, stride_r = _geometry(x, cl)
     G = num_groups
     Cg = C // G
     dev = x.device
+    has_ib = input_bias is not None
+    # grad_input element by element: stored with need_input, summed over each channel into
+    # grad_input_bias with need_input_bias
+    need_dx = need_input or need_input_bias
     param_dtype = weight.dtype if weight is not None else torch.float32
-    grad_w = torch.empty(C, device=dev, dtype=torch.float32) if need_weight else None
-    grad_b = torch.empty(C, device=dev, dtype=torch.float32) if need_bias else None
+    grad_w, grad_b, grad_ib = (torch.empty(C, device=dev, dtype=torch.float32) if need else None
+                               for need in (need_weight, need_bias, need_input_bias))
+    dtypes = (param_dtype, param_dtype, input_bias.dtype if has_ib else None)
+
+    def in_dtypes(*grads):
+        return tuple(None if t is None else t.to(d) for t, d in zip(grads, dtypes))
+
     if x.numel() == 0:
-        for t in (grad_w, grad_b):
+        for t in (grad_w, grad_b, grad_ib):
             if t is not None:
                 t.zero_()
-        grads = (dx_out if need_input else None, grad_w, grad_b)
-        return tuple(t if t is None or t is dx_out else t.to(param_dtype) for t in grads)
+        return (dx_out if need_input else None,) + in_dtypes(grad_w, grad_b, grad_ib)
     align = _alignment(stride_r)
     layout = dict(stride_n_q=stride_n // align, stride_r_q=stride_r // align, CHANNELS_LAST=cl,
                   ALIGN=align)
@@ -653,35 +724,49 @@ def group_norm_bwd(grad_out, input, mean, rstd, weight, num_groups, relu, *, nee
     _, tiles_s, n_cb, n_sc = _chunks(C, S, block_c, block_s, N, size, dev, channel_blocks=False)
     part = torch.empty((2, N, n_sc, C), device=dev, dtype=torch.float32)
     _launch(_gn_grad_sums_kernel, N * n_cb * n_sc, warps, x_ptr=x, g_ptr=g, mean_ptr=mean,
-            rstd_ptr=rstd, part_ptr=part, N=N, C=C, S=S, G=G, Cg=Cg, N_CB=n_cb, N_SC=n_sc,
-            TILES_S=tiles_s, RELU=relu, BLOCK_C=block_c, BLOCK_S=block_s, **layout)
+            rstd_ptr=rstd, ib_ptr=input_bias if has_ib else part, part_ptr=part, N=N, C=C, S=S,
+            G=G, Cg=Cg, N_CB=n_cb, N_SC=n_sc, TILES_S=tiles_s, RELU=relu,
+            HAS_INPUT_BIAS=has_ib, BLOCK_C=block_c, BLOCK_S=block_s, **layout)
 
-    wsum = torch.empty((2, N, C), device=dev, dtype=torch.float32) if need_input else part
+    wsum = torch.empty((2, N, C), device=dev, dtype=torch.float32) if need_dx else part
     # 16 channels a program: C / 16 programs share the partial sums, 64-byte rows of them
     block = _vector_block(C, 16)
     _launch(_gn_grad_channels_kernel, cdiv(C, block), 4, part_ptr=part,
             w_ptr=weight if weight is not None else part, wsum_ptr=wsum,
             gw_ptr=grad_w if need_weight else part, gb_ptr=grad_b if need_bias else part,
-            N=N, C=C, N_SC=n_sc, HAS_WEIGHT=weight is not None, NEED_INPUT=need_input,
+            N=N, C=C, N_SC=n_sc, HAS_WEIGHT=weight is not None, NEED_INPUT=need_dx,
             NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, BLOCK_P=_vector_block(n_sc, 64),
             BLOCK_C=block)
     grad_input = None
-    if need_input:
+    if need_dx:
         m = torch.empty((2, N * G), device=dev, dtype=torch.float32)
         _launch(_gn_grad_groups_kernel, N * G, 4, wsum_ptr=wsum, m_ptr=m, N=N, C=C, S=S, G=G,
                 Cg=Cg, BLOCK_C=_vector_block(Cg, 1024))
-        dx = dx_out if dx_out.stride() == x.stride() else torch.empty_like(x)
+        dx = m
+        if need_input:
+            dx = dx_out if dx_out.stride() == x.stride() else torch.empty_like(x)
         block_c, block_s, warps = _tile_shape(cl, C, S, size, ELEMENTWISE_TILE_BYTES,
                                               ELEMENTWISE_VECTORS)
         _, tiles_s, n_cb, n_sc = _chunks(C, S, block_c, block_s, N, size, dev,
                                          channel_blocks=False)
+        dib = (torch.empty((N, n_sc, C), device=dev, dtype=torch.float32) if need_input_bias
+               else m)
         _launch(_gn_grad_input_kernel, N * n_cb * n_sc, warps, x_ptr=x, g_ptr=g, dx_ptr=dx,
                 mean_ptr=mean, rstd_ptr=rstd, m_ptr=m,
-                w_ptr=weight if weight is not None else m, N=N, C=C, S=S, G=G, Cg=Cg,
-                N_CB=n_cb, N_SC=n_sc, TILES_S=tiles_s, HAS_WEIGHT=weight is not None,
-                RELU=relu, BLOCK_C=block_c, BLOCK_S=block_s, **layout)
-        if dx is not dx_out:
-            dx_out.copy_(dx)
-        grad_input = dx_out
-    return (grad_input, None if grad_w is None else grad_w.to(param_dtype),
-            None if grad_b is None else grad_b.to(param_dtype))
+                w_ptr=weight if weight is not None else m, ib_ptr=input_bias if has_ib else m,
+                dib_ptr=dib, N=N, C=C, S=S, G=G, Cg=Cg, N_CB=n_cb, N_SC=n_sc, TILES_S=tiles_s,
+                HAS_WEIGHT=weight is not None, RELU=relu, HAS_INPUT_BIAS=has_ib,
+                NEED_INPUT=need_input, NEED_INPUT_BIAS=need_input_bias, BLOCK_C=block_c,
+                BLOCK_S=block_s, **layout)
+        if need_input_bias:
+            # grad_input_bias: the chunks' sums summed over samples and chunks by the kernel
+            # that sums the first pass's into grad_bias (that output alone)
+            _launch(_gn_grad_channels_kernel, cdiv(C, block), 4, part_ptr=dib, w_ptr=dib,
+                    wsum_ptr=dib, gw_ptr=dib, gb_ptr=grad_ib, N=N, C=C, N_SC=n_sc,
+                    HAS_WEIGHT=False, NEED_INPUT=False, NEED_WEIGHT=False, NEED_BIAS=True,
+                    BLOCK_P=_vector_block(n_sc, 64), BLOCK_C=block)
+        if need_input:
+            if dx is not dx_out:
+                dx_out.copy_(dx)
+            grad_input = dx_out
+    return (grad_input,) + in_dtypes(grad_w, grad_b, grad_ib)

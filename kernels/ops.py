@@ -141,15 +141,16 @@ def _empty_or(needed, make, like):
 # GroupNorm: out, and the fp32 statistics the backward reads: mean and rstd, (N, num_groups)
 @torch.library.custom_op("d2conv::group_norm", mutates_args=())
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-               eps: float, relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+               eps: float, relu: bool, input_bias: Optional[Tensor]
+               ) -> tuple[Tensor, Tensor, Tensor]:
     _require_triton(input)
     from .norm import group_norm_fwd
 
-    return group_norm_fwd(input, num_groups, weight, bias, eps, relu)
+    return group_norm_fwd(input, num_groups, weight, bias, eps, relu, input_bias)
 
 
 @group_norm.register_fake
-def _(input, num_groups, weight, bias, eps, relu):
+def _(input, num_groups, weight, bias, eps, relu, input_bias):
     stats = (input.shape[0], num_groups)
     return (torch.empty_like(input), input.new_empty(stats, dtype=torch.float32),
             input.new_empty(stats, dtype=torch.float32))
@@ -157,43 +158,50 @@ def _(input, num_groups, weight, bias, eps, relu):
 
 @torch.library.custom_op("d2conv::group_norm_backward", mutates_args=())
 def group_norm_backward(grad_out: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
-                        weight: Optional[Tensor], num_groups: int, relu: bool, need_input: bool,
-                        need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_input, grad_weight, grad_bias); empty where not needed."""
+                        weight: Optional[Tensor], input_bias: Optional[Tensor], num_groups: int,
+                        relu: bool, need_input: bool, need_weight: bool, need_bias: bool,
+                        need_input_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias, grad_input_bias); empty where not needed."""
     _require_triton(input)
     from .norm import group_norm_bwd
 
-    grads = group_norm_bwd(grad_out, input, mean, rstd, weight, num_groups, relu,
-                           need_input=need_input, need_weight=need_weight, need_bias=need_bias)
+    grads = group_norm_bwd(grad_out, input, mean, rstd, weight, num_groups, relu, input_bias,
+                           need_input=need_input, need_weight=need_weight, need_bias=need_bias,
+                           need_input_bias=need_input_bias)
     return tuple(input.new_empty(0) if g is None else g for g in grads)
 
 
 @group_norm_backward.register_fake
-def _(grad_out, input, mean, rstd, weight, num_groups, relu, need_input, need_weight, need_bias):
+def _(grad_out, input, mean, rstd, weight, input_bias, num_groups, relu, need_input, need_weight,
+      need_bias, need_input_bias):
     C = input.shape[1]
     param = weight if weight is not None else input.new_empty((C,), dtype=torch.float32)
     return (_empty_or(need_input, lambda: torch.empty_like(input), input),
             _empty_or(need_weight, lambda: torch.empty_like(param), input),
-            _empty_or(need_bias, lambda: torch.empty_like(param), input))
+            _empty_or(need_bias, lambda: torch.empty_like(param), input),
+            _empty_or(need_input_bias and input_bias is not None,
+                      lambda: torch.empty_like(input_bias), input))
 
 
 def _group_norm_setup(ctx, inputs, output):
-    input, num_groups, weight, bias, eps, relu = inputs
+    input, num_groups, weight, bias, eps, relu, input_bias = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(input, mean, rstd, weight)
+    ctx.save_for_backward(input, mean, rstd, weight, input_bias)
     ctx.conf = (num_groups, relu)
-    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.has = (weight is not None, bias is not None, input_bias is not None)
 
 
 def _group_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
-    input, mean, rstd, weight = ctx.saved_tensors
-    need_input, _, need_weight, need_bias = ctx.needs_input_grad[:4]
-    need_weight, need_bias = need_weight and ctx.has_weight, need_bias and ctx.has_bias
-    grads = torch.ops.d2conv.group_norm_backward(grad_out, input, mean, rstd, weight, *ctx.conf,
-                                                 need_input, need_weight, need_bias)
-    grad_input, grad_weight, grad_bias = (g if need else None for g, need in
-                                          zip(grads, (need_input, need_weight, need_bias)))
-    return grad_input, None, grad_weight, grad_bias, None, None
+    input, mean, rstd, weight, input_bias = ctx.saved_tensors
+    need_input, _, need_weight, need_bias, _, _, need_input_bias = ctx.needs_input_grad
+    has_weight, has_bias, has_input_bias = ctx.has
+    wanted = (need_input, need_weight and has_weight, need_bias and has_bias,
+              need_input_bias and has_input_bias)
+    grads = torch.ops.d2conv.group_norm_backward(grad_out, input, mean, rstd, weight, input_bias,
+                                                 *ctx.conf, *wanted)
+    grad_input, grad_weight, grad_bias, grad_input_bias = (
+        g if need else None for g, need in zip(grads, wanted))
+    return grad_input, None, grad_weight, grad_bias, None, None, grad_input_bias
 
 
 group_norm.register_autograd(_group_norm_backward, setup_context=_group_norm_setup)
@@ -204,11 +212,11 @@ class GroupNormFunction(torch.autograd.Function):
     custom-op dispatch)."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, num_groups, eps, relu):
+    def forward(ctx, input, weight, bias, num_groups, eps, relu, input_bias=None):
         from .norm import group_norm_fwd
 
-        out, mean, rstd = group_norm_fwd(input, num_groups, weight, bias, eps, relu)
-        ctx.save_for_backward(input, mean, rstd, weight)
+        out, mean, rstd = group_norm_fwd(input, num_groups, weight, bias, eps, relu, input_bias)
+        ctx.save_for_backward(input, mean, rstd, weight, input_bias)
         ctx.num_groups, ctx.relu = num_groups, relu
         return out
 
@@ -216,12 +224,13 @@ class GroupNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         from .norm import group_norm_bwd
 
-        input, mean, rstd, weight = ctx.saved_tensors
+        input, mean, rstd, weight, input_bias = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grads = group_norm_bwd(grad_out, input, mean, rstd, weight, ctx.num_groups, ctx.relu,
-                               need_input=need_input, need_weight=need_weight,
-                               need_bias=need_bias)
-        return grads + (None, None, None)
+        grad_input, grad_weight, grad_bias, grad_input_bias = group_norm_bwd(
+            grad_out, input, mean, rstd, weight, ctx.num_groups, ctx.relu, input_bias,
+            need_input=need_input, need_weight=need_weight, need_bias=need_bias,
+            need_input_bias=ctx.needs_input_grad[6])
+        return grad_input, grad_weight, grad_bias, None, None, None, grad_input_bias
 
 
 @torch.library.custom_op("d2conv::depthwise_conv3d", mutates_args=())

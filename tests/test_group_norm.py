@@ -9,7 +9,7 @@ import math
 import os
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -35,6 +35,7 @@ class NormCase:
     bias: bool = True
     dtype: torch.dtype = torch.float32
     param_dtype: torch.dtype = torch.float32
+    input_bias: bool = False
 
     def __str__(self):
         names = "NCTHW" if len(self.shape) == 5 else "NCHW" if len(self.shape) == 4 else \
@@ -42,6 +43,7 @@ class NormCase:
         parts = ["-".join(f"{n}{s}" for n, s in zip(names, self.shape)), f"G{self.groups}"]
         parts += ["cl"] * self.channels_last + ["relu"] * self.relu
         parts += ["noweight"] * (not self.weight) + ["nobias"] * (not self.bias)
+        parts += ["inbias"] * self.input_bias
         parts.append(str(self.dtype).split(".")[1])
         if self.param_dtype != torch.float32:
             parts.append("params-" + str(self.param_dtype).split(".")[1])
@@ -64,13 +66,26 @@ def in_nan_storage(t, channels_last=False):
 
 
 def make_inputs(case, offset=0.0):
+    """{"input", "weight", "bias", "input_bias"}: the tensors of a call, None where the case has
+    none; each requires a gradient."""
     C = case.shape[1]
     x = torch.randn(case.shape, device=DEVICE) + offset
     x = in_nan_storage(x.to(case.dtype), case.channels_last).requires_grad_()
-    w = (torch.randn(C, device=DEVICE) * 0.5 + 1).to(case.param_dtype).requires_grad_() \
-        if case.weight else None
-    b = torch.randn(C, device=DEVICE).to(case.param_dtype).requires_grad_() if case.bias else None
-    return x, w, b
+
+    def param(present, scale=1.0, shift=0.0):
+        if not present:
+            return None
+        t = torch.randn(C, device=DEVICE) * scale + shift
+        return t.to(case.param_dtype).requires_grad_()
+
+    return {"input": x, "weight": param(case.weight, 0.5, 1.0), "bias": param(case.bias),
+            "input_bias": param(case.input_bias)}
+
+
+def group_norm(inputs, case):
+    """kernels.group_norm on make_inputs' tensors."""
+    return kernels.group_norm(inputs["input"], case.groups, inputs["weight"], inputs["bias"],
+                              relu=case.relu, input_bias=inputs["input_bias"])
 
 
 def reference(x, groups, weight, bias):
@@ -88,31 +103,40 @@ def reference(x, groups, weight, bias):
     return out if bias is None else out + bias.view(per_channel)
 
 
+def reference_of(inputs, case):
+    """``group_norm(inputs, case)`` by ``reference`` on float64 CPU copies of the inputs:
+    (output, {name: the copy, requiring a gradient; None where absent})."""
+    ref_in = {k: None if t is None else t.detach().cpu().double().requires_grad_()
+              for k, t in inputs.items()}
+    x = ref_in["input"]
+    if ref_in["input_bias"] is not None:
+        x = x + ref_in["input_bias"].view(-1, *[1] * (x.dim() - 2))
+    return reference(x.relu() if case.relu else x, case.groups, ref_in["weight"],
+                     ref_in["bias"]), ref_in
+
+
 def check_against_reference(case, offset=0.0, tols=None):
-    x, w, b = make_inputs(case, offset)
-    out = kernels.group_norm(x, case.groups, w, b, relu=case.relu)
+    inputs = make_inputs(case, offset)
+    x = inputs["input"]
+    out = group_norm(inputs, case)
     assert out.dtype == case.dtype and out.shape == x.shape
     assert out.stride() == x.stride(), "output not in the input's memory format"
     grad_out = torch.randn_like(out)
-    present = [t for t in (x, w, b) if t is not None]
-    grads = torch.autograd.grad(out, present, grad_out)
+    present = {k: t for k, t in inputs.items() if t is not None}
+    grads = dict(zip(present, torch.autograd.grad(out, list(present.values()), grad_out)))
 
-    ref_in = [t.detach().cpu().double().requires_grad_() for t in present]
-    rx = ref_in[0]
-    rw = ref_in[1] if w is not None else None
-    rb = ref_in[-1] if b is not None else None
-    ref = reference(rx.relu() if case.relu else rx, case.groups, rw, rb)
-    ref_grads = torch.autograd.grad(ref, ref_in, grad_out.cpu().double())
+    ref, ref_in = reference_of(inputs, case)
+    ref_grads = torch.autograd.grad(ref, [ref_in[k] for k in present], grad_out.cpu().double())
     errors = {"output": rel_err(out, ref)}
-    for name, t, g, r in zip(("input", "weight", "bias"), present, grads, ref_grads):
-        assert g.dtype == t.dtype and g.shape == t.shape, name
+    for (name, g), r in zip(grads.items(), ref_grads):
+        assert g.dtype == present[name].dtype and g.shape == present[name].shape, name
         errors[name] = rel_err(g, r)
-    assert grads[0].stride() == x.stride(), "grad_input not in the input's memory format"
+    assert grads["input"].stride() == x.stride(), "grad_input not in the input's memory format"
     limits = {k: case.tol for k in errors}
     limits.update(tols or {})
     bad = {k: v for k, v in errors.items() if not v <= limits[k]}
     assert not bad, f"relative errors over {limits}: {bad} (all: {errors})"
-    return x, grads
+    return inputs, grads
 
 
 # small so the interpreter stays fast; the interpreter's 8-channel, 16-position tiles and
@@ -142,19 +166,44 @@ CASES = [
     NormCase((2, 12, 3, 5, 7), 3, channels_last=True, dtype=torch.bfloat16,
              param_dtype=torch.bfloat16),
 ]
+# a per-channel input bias (a conv's bias) added before the ReLU
+CASES_INPUT_BIAS = [
+    NormCase((2, 12, 3, 5, 7), 3, relu=True, input_bias=True),
+    NormCase((2, 12, 3, 5, 7), 3, channels_last=True, relu=True, input_bias=True),
+    NormCase((2, 12, 3, 5, 7), 3, input_bias=True),
+    NormCase((2, 12, 3, 5, 7), 3, channels_last=True, input_bias=True),
+    NormCase((2, 16, 3, 5, 7), 1, relu=True, input_bias=True),
+    NormCase((2, 16, 3, 5, 7), 1, channels_last=True, relu=True, input_bias=True),
+    NormCase((2, 32, 5), 1, relu=True, input_bias=True),       # several channel blocks a program
+    NormCase((2, 32, 5), 1, channels_last=True, input_bias=True),
+    NormCase((4, 24), 3, relu=True, input_bias=True),           # no spatial dims
+    NormCase((3, 8, 37), 2, relu=True, input_bias=True),
+    NormCase((2, 12, 3, 5, 7), 3, relu=True, weight=False, bias=False, input_bias=True),
+    NormCase((2, 12, 3, 5, 7), 3, channels_last=True, weight=False, input_bias=True),
+    NormCase((2, 20, 9, 11), 4, channels_last=True, relu=True, dtype=torch.bfloat16,
+             input_bias=True),
+    NormCase((2, 12, 3, 5, 7), 3, relu=True, dtype=torch.float16, input_bias=True),
+    NormCase((2, 12, 3, 5, 7), 3, channels_last=True, relu=True, dtype=torch.bfloat16,
+             param_dtype=torch.bfloat16, input_bias=True),
+]
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", CASES + CASES_INPUT_BIAS, ids=str)
 def test_matches_reference(case):
     check_against_reference(case)
 
 
-def test_relu_gradient_is_zero_where_the_input_is_not_positive():
-    case = NormCase((2, 12, 3, 5, 7), 3, channels_last=True, relu=True)
-    x, grads = check_against_reference(case)
-    negative = x.detach() <= 0
-    assert negative.any() and (grads[0][negative] == 0).all()
-    assert (grads[0][~negative] != 0).all()
+@pytest.mark.parametrize("input_bias", [False, True], ids=["", "inbias"])
+def test_relu_gradient_is_zero_where_the_input_is_not_positive(input_bias):
+    """With an input bias, where input + input_bias is not positive."""
+    case = NormCase((2, 12, 3, 5, 7), 3, channels_last=True, relu=True, input_bias=input_bias)
+    inputs, grads = check_against_reference(case)
+    pre = inputs["input"].detach()
+    if input_bias:
+        pre = pre + inputs["input_bias"].detach().view(-1, 1, 1, 1)
+    negative = pre <= 0
+    assert negative.any() and (grads["input"][negative] == 0).all()
+    assert (grads["input"][~negative] != 0).all()
 
 
 def test_large_mean_statistics_are_stable():
@@ -219,35 +268,46 @@ def test_other_strides(layout):
     assert rel_err(out, ref) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
 
 
-@pytest.mark.parametrize("wanted", ["input", "weight", "bias", "weight+bias"])
-def test_some_gradients(wanted):
-    case = NormCase((2, 12, 3, 5, 7), 3, channels_last=True)
-    x, w, b = make_inputs(case)
-    inputs = {"input": x, "weight": w, "bias": b}
+SOME = NormCase((2, 12, 3, 5, 7), 3, channels_last=True)
+SOME_INPUT_BIAS = NormCase((2, 12, 3, 5, 7), 3, relu=True, input_bias=True)
+
+
+@pytest.mark.parametrize("wanted, case", [
+    ("input", SOME), ("weight", SOME), ("bias", SOME), ("weight+bias", SOME),
+    # grad_input computed for the input bias's gradient alone, not stored
+    ("input_bias", SOME_INPUT_BIAS), ("input_bias", replace(SOME_INPUT_BIAS, channels_last=True)),
+    ("weight+input_bias", SOME_INPUT_BIAS), ("input+input_bias", SOME_INPUT_BIAS),
+    # an input bias without a gradient
+    ("input", SOME_INPUT_BIAS), ("weight+bias", replace(SOME_INPUT_BIAS, channels_last=True)),
+], ids=lambda v: v if isinstance(v, str) else str(v))
+def test_some_gradients(wanted, case):
+    inputs = make_inputs(case)
+    names = wanted.split("+")
     for name, t in inputs.items():
-        t.requires_grad_(name in wanted.split("+"))
-    out = kernels.group_norm(x, 3, w, b)
+        if t is not None:
+            t.requires_grad_(name in names)
+    out = group_norm(inputs, case)
     grad_out = torch.randn_like(out)
-    chosen = [inputs[name] for name in wanted.split("+")]
-    grads = torch.autograd.grad(out, chosen, grad_out)
-    ref_in = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
-    ref = reference(ref_in["input"], 3, ref_in["weight"], ref_in["bias"])
-    ref_grads = torch.autograd.grad(ref, [ref_in[n] for n in wanted.split("+")], grad_out.double())
-    for g, r in zip(grads, ref_grads):
-        assert rel_err(g, r) <= 1e-5
+    grads = torch.autograd.grad(out, [inputs[name] for name in names], grad_out)
+    ref, ref_in = reference_of(inputs, case)
+    ref_grads = torch.autograd.grad(ref, [ref_in[name] for name in names], grad_out.double())
+    for name, g, r in zip(names, grads, ref_grads):
+        assert rel_err(g, r) <= 1e-5, name
 
 
-def test_deterministic():
+@pytest.mark.parametrize("input_bias", [False, True], ids=["", "inbias"])
+def test_deterministic(input_bias):
     """No atomics: two runs give the same bits."""
-    case = NormCase((2, 16, 3, 5, 7), 1, channels_last=True, relu=True)
-    x, w, b = make_inputs(case)
+    case = NormCase((2, 16, 3, 5, 7), 1, channels_last=True, relu=True, input_bias=input_bias)
+    inputs = make_inputs(case)
+    present = [t for t in inputs.values() if t is not None]
     grad_out = torch.randn(case.shape, device=DEVICE)
     runs = []
     for _ in range(2):
-        out = kernels.group_norm(x, 1, w, b, relu=True)
-        runs.append((out, *torch.autograd.grad(out, (x, w, b), grad_out)))
-    for a, b_ in zip(*runs):
-        assert torch.equal(a, b_)
+        out = group_norm(inputs, case)
+        runs.append((out, *torch.autograd.grad(out, present, grad_out)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -277,18 +337,37 @@ def test_bad_arguments_raise_value_error_naming_them():
             call()
 
 
+@pytest.mark.parametrize("input_bias", ["shape", "list", "device", "integer"])
+def test_bad_input_bias_raises_value_error_naming_it(input_bias):
+    x = torch.randn(2, 12, 3, 4, device=DEVICE)
+    input_bias = {"shape": torch.randn(11, device=DEVICE), "list": [0.0] * 12,
+                  "device": torch.randn(12, device="meta"),
+                  "integer": torch.zeros(12, device=DEVICE, dtype=torch.int64)}[input_bias]
+    with pytest.raises(ValueError, match="input_bias"):
+        kernels.group_norm(x, 3, relu=True, input_bias=input_bias)
+
+
 def test_opcheck():
     x = torch.randn(2, 8, 3, 5, device=DEVICE).to(memory_format=torch.channels_last)
-    w, b = torch.randn(8, device=DEVICE), torch.randn(8, device=DEVICE)
-    torch.library.opcheck(torch.ops.d2conv.group_norm.default, (x, 2, w, b, 1e-5, True))
-    torch.library.opcheck(torch.ops.d2conv.group_norm.default, (x.contiguous(), 4, None, None,
-                                                                1e-5, False))
-    out, mean, rstd = torch.ops.d2conv.group_norm(x, 2, w, b, 1e-5, True)
-    grad_out = torch.randn_like(out)
-    for weight, needs in ((w, (True, True, True)), (w, (False, True, False)),
-                          (None, (True, False, True))):
-        torch.library.opcheck(torch.ops.d2conv.group_norm_backward.default,
-                              (grad_out, x, mean, rstd, weight, 2, True, *needs))
+    w, b, ib = (torch.randn(8, device=DEVICE) for _ in range(3))
+    for input_bias in (None, ib):
+        torch.library.opcheck(torch.ops.d2conv.group_norm.default,
+                              (x, 2, w, b, 1e-5, True, input_bias))
+        torch.library.opcheck(torch.ops.d2conv.group_norm.default,
+                              (x.contiguous(), 4, None, None, 1e-5, False, input_bias))
+    # the autograd registration, the input bias's gradient in its slot
+    needing = [t.detach().requires_grad_() for t in (x, b, ib)]
+    torch.library.opcheck(torch.ops.d2conv.group_norm.default,
+                          (needing[0], 2, w, needing[1], 1e-5, True, needing[2]))
+    for input_bias, needs in ((None, (True, True, True, False)),
+                              (None, (False, True, False, False)),
+                              (ib, (True, True, True, True)), (ib, (False, False, False, True)),
+                              (ib, (True, False, True, False))):
+        out, mean, rstd = torch.ops.d2conv.group_norm(x, 2, w, b, 1e-5, True, input_bias)
+        grad_out = torch.randn_like(out)
+        for weight in (w, None):
+            torch.library.opcheck(torch.ops.d2conv.group_norm_backward.default,
+                                  (grad_out, x, mean, rstd, weight, input_bias, 2, True, *needs))
 
 
 @pytest.mark.parametrize("shape, fmt", [((2, 8, 3, 4, 5), torch.channels_last_3d),
@@ -297,30 +376,37 @@ def test_opcheck():
 def test_meta_tensors(shape, fmt):
     x = torch.empty(shape, device="meta", dtype=torch.bfloat16).to(memory_format=fmt)
     w = torch.empty(8, device="meta")
-    out = kernels.group_norm(x, 2, w, w, relu=True)
+    out = kernels.group_norm(x, 2, w, w, relu=True, input_bias=w)
     assert out.device.type == "meta" and out.dtype == torch.bfloat16
     assert out.shape == x.shape and out.stride() == x.stride()
 
 
-def test_torch_compile_traces_without_graph_breaks():
+@pytest.mark.parametrize("input_bias", [False, True], ids=["", "inbias"])
+def test_torch_compile_traces_without_graph_breaks(input_bias):
+    """The custom ops under torch.compile give what the eager autograd.Function does, every
+    gradient included."""
     class Unit(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.weight = torch.nn.Parameter(torch.randn(8))
             self.bias = torch.nn.Parameter(torch.randn(8))
+            self.input_bias = torch.nn.Parameter(torch.randn(8)) if input_bias else None
 
         def forward(self, x):
-            return kernels.group_norm(x * 2, 2, self.weight, self.bias, relu=True)
+            return kernels.group_norm(x * 2, 2, self.weight, self.bias, relu=True,
+                                      input_bias=self.input_bias)
 
     unit = Unit().to(DEVICE)
     x = torch.randn(2, 8, 3, 4, 5, device=DEVICE, requires_grad=True)
+    wrt = [x, *unit.parameters()]
     backend = "inductor" if ON_GPU else "aot_eager"
     compiled = torch.compile(unit, backend=backend, fullgraph=True)
     out = compiled(x)
-    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    grads = torch.autograd.grad(out.square().sum(), wrt)
     ref = unit(x)
-    (ref_grad,) = torch.autograd.grad(ref.square().sum(), x)
-    assert rel_err(out, ref) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
+    ref_grads = torch.autograd.grad(ref.square().sum(), wrt)
+    assert rel_err(out, ref) <= 1e-5
+    assert all(rel_err(g, r) <= 1e-5 for g, r in zip(grads, ref_grads))
 
 
 # the paper's refine-unit shapes (GroupNorm(1, 256)) and a from-scratch backbone's
@@ -328,39 +414,45 @@ PAPER_SHAPES = [((2, 256, 8, 120, 216), 1), ((2, 256, 4, 60, 108), 1), ((2, 256,
                 ((8, 32, 8, 32, 48), 8)]
 
 
-def captured_launches(shape, groups, dtype, channels_last, device="meta"):
-    """(kernel, programs, num_warps, args) of a forward and a backward on ``device`` tensors,
-    with the GPU's tiles (the interpreter's replaced), launching nothing."""
+def captured_launches(shape, groups, dtype, channels_last, device="meta", input_bias=False):
+    """(kernel, programs, num_warps, args) of a forward and a backward on ``device`` tensors (of
+    every gradient, the input bias's too with ``input_bias``), with the GPU's tiles (the
+    interpreter's replaced), launching nothing."""
     launches = []
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     x = torch.empty(shape, device=device, dtype=dtype).to(memory_format=fmt)
     w = torch.empty(shape[1], device=device)
+    ib = w if input_bias else None
     real = norm._launch, norm.settings.interpreting
     norm._launch = lambda kernel, programs, num_warps, **args: launches.append(
         (kernel, programs, num_warps, args))
     norm.settings.interpreting = lambda: False
     try:
-        out, mean, rstd = norm.group_norm_fwd(x, groups, w, w, 1e-5, True)
-        norm.group_norm_bwd(out, x, mean, rstd, w, groups, True, need_input=True,
-                            need_weight=True, need_bias=True)
+        out, mean, rstd = norm.group_norm_fwd(x, groups, w, w, 1e-5, True, ib)
+        norm.group_norm_bwd(out, x, mean, rstd, w, groups, True, ib, need_input=True,
+                            need_weight=True, need_bias=True, need_input_bias=input_bias)
     finally:
         norm._launch, norm.settings.interpreting = real
     return launches
 
 
+@pytest.mark.parametrize("input_bias", [False, True], ids=["", "inbias"])
 @pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "contiguous"])
 @pytest.mark.parametrize("shape, groups", PAPER_SHAPES, ids=lambda v: "x".join(map(str, v))
                          if isinstance(v, tuple) else f"G{v}")
-def test_launch_geometry_at_the_paper_shapes(shape, groups, channels_last):
+def test_launch_geometry_at_the_paper_shapes(shape, groups, channels_last, input_bias):
     """On a 132-SM GPU, in bf16: the big passes run at least 4 programs an SM where the tensor
     has that many 8 KiB tiles, each streaming at most 64 KiB of each tensor it reads; on the
-    large shapes the backward's partial sums add 2% to the bytes of its first pass at most."""
-    launches = captured_launches(shape, groups, torch.bfloat16, channels_last)
+    large shapes the backward's partial sums add 2% to the bytes of its first pass at most, and
+    the input bias's (written by the last pass, summed by the channels kernel) 1% to the last
+    pass's."""
+    launches = captured_launches(shape, groups, torch.bfloat16, channels_last,
+                                 input_bias=input_bias)
     numel = math.prod(shape)
     assert [k for k, *_ in launches] == [
         norm._gn_stats_kernel, norm._gn_combine_kernel, norm._gn_normalise_kernel,
         norm._gn_grad_sums_kernel, norm._gn_grad_channels_kernel, norm._gn_grad_groups_kernel,
-        norm._gn_grad_input_kernel]
+        norm._gn_grad_input_kernel] + [norm._gn_grad_channels_kernel] * input_bias
     for kernel, programs, num_warps, args in launches:
         if kernel in (norm._gn_combine_kernel, norm._gn_grad_channels_kernel,
                       norm._gn_grad_groups_kernel):
@@ -374,6 +466,10 @@ def test_launch_geometry_at_the_paper_shapes(shape, groups, channels_last):
     split = programs[norm._gn_grad_sums_kernel][1]["N_SC"]
     if numel >= 2**24:
         assert 2 * shape[0] * split * shape[1] * 4 <= 0.02 * 2 * numel * 2
+    if numel >= 2**24 and input_bias:
+        split = programs[norm._gn_grad_input_kernel][1]["N_SC"]
+        assert launches[-1][3]["N_SC"] == split
+        assert shape[0] * split * shape[1] * 4 <= 0.01 * 3 * numel * 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,20 +522,22 @@ def resources(compiled):
 
 
 def print_sm90_resources():
-    """One line per kernel and layout: registers, spilled bytes and 16-byte global loads and
-    stores in the PTX, at the refine unit's shape in bf16."""
+    """One line per kernel, layout and with or without an input bias: registers, spilled bytes
+    and 16-byte global loads and stores in the PTX, at the refine unit's shape in bf16."""
     import re
-    for channels_last in (True, False):
-        for kernel, _, num_warps, args in captured_launches((2, 256, 8, 120, 216), 1,
-                                                            torch.bfloat16, channels_last):
-            compiled = compile_sm90(kernel, num_warps, args)
-            regs, spilled = resources(compiled)
-            ptx = compiled.asm["ptx"]
-            loads = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx))
-            stores = len(re.findall(r"st\.global(?:\.\w+)*\.v4\.b32", ptx))
-            layout = "cl" if channels_last else "contiguous"
-            print(f"{kernel.__name__} {layout} w{num_warps}: {regs} regs, {spilled} B spilled, "
-                  f"{loads} v4 loads, {stores} v4 stores", flush=True)
+    for input_bias in (False, True):
+        for channels_last in (True, False):
+            for kernel, _, num_warps, args in captured_launches(
+                    (2, 256, 8, 120, 216), 1, torch.bfloat16, channels_last,
+                    input_bias=input_bias):
+                compiled = compile_sm90(kernel, num_warps, args)
+                regs, spilled = resources(compiled)
+                ptx = compiled.asm["ptx"]
+                loads = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx))
+                stores = len(re.findall(r"st\.global(?:\.\w+)*\.v4\.b32", ptx))
+                layout = ("cl" if channels_last else "contiguous") + "+inbias" * input_bias
+                print(f"{kernel.__name__} {layout} w{num_warps}: {regs} regs, {spilled} B "
+                      f"spilled, {loads} v4 loads, {stores} v4 stores", flush=True)
 
 
 def _cuda_tools():
@@ -450,10 +548,12 @@ def _cuda_tools():
 @pytest.mark.skipif(ON_GPU, reason="the GPU suite compiles them for real")
 @pytest.mark.skipif(not _cuda_tools(), reason="Triton without its CUDA tools")
 def test_kernels_compile_for_sm90():
-    """Each kernel in both layouts at the refine unit's shape, bf16: no spilled register, and the
-    big passes load (and the elementwise ones store) 16 bytes per instruction."""
+    """Each kernel in both layouts at the refine unit's shape, bf16, without and with an input
+    bias (whose backward sums its partial sums by the channels kernel once more): no spilled
+    register, and the big passes load (and the elementwise ones store) 16 bytes per
+    instruction."""
     lines = compiled_run(__file__)
-    assert len(lines) == 14, lines
+    assert len(lines) == 2 * 7 + 2 * 8, lines
     for line in lines:
         print(line)
         name = line.split()[0]
