@@ -244,12 +244,14 @@ class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm on ``kernels.group_norm``: the same constructor, parameters and state dict.
 
     ``forward(x, relu=True)`` normalises ReLU(x) in the same passes, for a conv -> ReLU ->
-    GroupNorm without a ReLU pass of its own. x: (N, C, *) -> same shape, dtype and memory
-    format (under autocast too: the statistics are fp32 inside the kernels).
+    GroupNorm without a ReLU pass of its own; ``input_bias`` (C,) is added to x per channel
+    first (a conv's bias, without a pass of its own). x: (N, C, *) -> same shape, dtype and
+    memory format (under autocast too: the statistics are fp32 inside the kernels).
     """
 
-    def forward(self, input, relu=False):
-        return kernels.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, relu)
+    def forward(self, input, relu=False, input_bias=None):
+        return kernels.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, relu,
+                                  input_bias)
 
 
 class DepthwiseConv3d(nn.Conv3d):

@@ -265,7 +265,8 @@ def test_2d_bad_arguments():
 
 @pytest.mark.parametrize("groups", [1, 3])
 def test_group_norm_layer_is_nn_group_norm(groups):
-    """The same state dict as nn.GroupNorm, the same function, and ReLU(x) with relu=True."""
+    """The same state dict as nn.GroupNorm, the same function, ReLU(x) with relu=True, and of
+    x + input_bias per channel with an input bias."""
     torch.manual_seed(0)
     ref = nn.GroupNorm(groups, 6).to(DEVICE)
     nn.init.uniform_(ref.weight, 0.5, 1.5)
@@ -276,6 +277,9 @@ def test_group_norm_layer_is_nn_group_norm(groups):
     x = torch.randn(2, 6, 3, 4, 5, device=DEVICE)
     assert rel_err(layer(x), ref(x)) < 1e-5
     assert rel_err(layer(x, relu=True), ref(F.relu(x))) < 1e-5
+    shift = torch.randn(6, device=DEVICE)
+    assert rel_err(layer(x, relu=True, input_bias=shift),
+                   ref(F.relu(x + shift.view(6, 1, 1, 1)))) < 1e-5
 
 
 def test_depthwise_layer_is_a_depthwise_conv3d():
