@@ -29,8 +29,11 @@ class Unit(nn.Sequential):
     is a 3x3x3 Conv3d unless given (the dilated baseline puts an ASPP3d there).
 
     The ReLU runs inside the norm's kernels (``GroupNorm.forward(x, relu=True)``: one pass over
-    the conv's output fewer each way); its module keeps its place, so the state dict's keys
-    (``0.weight``, ``2.weight``) are those of conv, ReLU, GroupNorm in a row."""
+    the conv's output fewer each way), and so does the bias of a plain nn.Conv3d (its
+    convolution runs without it, and the norm adds it per channel before the ReLU: one pass
+    fewer each way again; the conv's forward hooks do not run then). The modules keep their
+    places, so the state dict's keys (``0.weight``, ``0.bias``, ``2.weight``) are those of conv,
+    ReLU, GroupNorm in a row."""
 
     def __init__(self, in_channels, out_channels, conv=None):
         super().__init__(conv if conv is not None else conv3(in_channels, out_channels),
@@ -38,6 +41,11 @@ class Unit(nn.Sequential):
 
     def forward(self, x):
         conv, _, norm = self
+        # exactly nn.Conv3d, whose forward is F.conv3d and then the bias: DepthwiseConv3d (a
+        # subclass on its own kernels), the sampled layers and ASPP3d compute otherwise
+        if type(conv) is nn.Conv3d and conv.bias is not None:
+            return norm(conv._conv_forward(x, conv.weight, None), relu=True,
+                        input_bias=conv.bias)
         return norm(conv(x), relu=True)
 
 

@@ -409,6 +409,39 @@ def test_torch_compile_traces_without_graph_breaks(input_bias):
     assert all(rel_err(g, r) <= 1e-5 for g, r in zip(grads, ref_grads))
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "cl"])
+def test_refine_unit_adds_its_conv_bias_in_the_norm(channels_last):
+    """d2conv.model.Unit on a plain nn.Conv3d convolves without the bias (the conv's forward
+    does not run) and the norm's kernels add it: the output and the gradients of the input, the
+    conv's weight and bias and the norm's weight and bias are those of conv -> ReLU -> GroupNorm
+    in float64; the state dict's keys are the three modules' in a row."""
+    from d2conv.model import Unit
+
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    unit = Unit(4, 12).to(DEVICE, memory_format=fmt)
+    torch.nn.init.normal_(unit[0].bias, std=0.5)
+    torch.nn.init.uniform_(unit[2].weight, 0.5, 1.5)
+    torch.nn.init.normal_(unit[2].bias)
+    assert set(unit.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    calls = []
+    unit[0].register_forward_hook(lambda *args: calls.append(args))
+    x = torch.randn(2, 4, 3, 5, 6, device=DEVICE).to(memory_format=fmt).requires_grad_()
+    out = unit(x)
+    assert not calls and out.is_contiguous(memory_format=fmt)
+    wrt = [x, *unit.parameters()]
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, wrt, grad_out)
+
+    ref_in = [t.detach().cpu().double().requires_grad_() for t in wrt]
+    rx, conv_w, conv_b, norm_w, norm_b = ref_in
+    ref = reference(torch.conv3d(rx, conv_w, conv_b, padding=1).relu(), 1, norm_w, norm_b)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad_out.cpu().double())
+    assert rel_err(out, ref) <= 1e-5
+    for name, g, r in zip(["input", "0.weight", "0.bias", "2.weight", "2.bias"], grads,
+                          ref_grads):
+        assert rel_err(g, r) <= 1e-5, name
+
+
 # the paper's refine-unit shapes (GroupNorm(1, 256)) and a from-scratch backbone's
 PAPER_SHAPES = [((2, 256, 8, 120, 216), 1), ((2, 256, 4, 60, 108), 1), ((2, 256, 2, 30, 54), 1),
                 ((8, 32, 8, 32, 48), 8)]

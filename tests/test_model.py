@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2conv.layers import D2Conv3d, DeformConv3d, GroupNorm
+from d2conv.layers import D2Conv3d, DeformConv3d, DepthwiseConv3d, GroupNorm
 from d2conv.model import (DECODER_CONVS, ASPP3d, EncoderDecoder, Unit, pad_to_multiple,
                           padding, to_device)
 from helpers import DEVICE
@@ -55,18 +55,41 @@ def test_aspp_replaces_the_first_conv_of_wide_refine_blocks():
     assert all(b[0].padding == b[0].dilation for b in rf2.branches[1:])
 
 
-def test_unit_is_conv_relu_group_norm():
-    """The unit runs its ReLU inside the norm's kernels: conv -> ReLU -> GroupNorm(1, C) all the
-    same, with the state dict of the three modules in a row."""
+UNIT_CONVS = {
+    "conv": lambda: torch.nn.Conv3d(6, 6, 3, padding=1),
+    "conv-nobias": lambda: torch.nn.Conv3d(6, 6, 3, padding=1, bias=False),
+    "depthwise": lambda: DepthwiseConv3d(6, 6, 3, padding=1),
+    "d2conv": lambda: D2Conv3d(6, 6, 3, padding=1),
+    "aspp": lambda: ASPP3d(6, 6, (1, 2, 3)),
+}
+
+
+@pytest.mark.parametrize("conv", UNIT_CONVS)
+def test_unit_is_conv_relu_group_norm(conv):
+    """The unit runs its ReLU inside the norm's kernels, and the bias of a plain nn.Conv3d too
+    (the conv's forward, hooks included, does not run then): conv -> ReLU -> GroupNorm(1, C) all
+    the same, output and every gradient, with the state dict of the three modules in a row."""
     torch.manual_seed(0)
-    unit = Unit(4, 6).to(DEVICE)
+    unit = Unit(6, 6, UNIT_CONVS[conv]()).to(DEVICE)
+    if conv == "conv":
+        torch.nn.init.normal_(unit[0].bias, std=0.5)
     torch.nn.init.uniform_(unit[2].weight, 0.5, 1.5)
     torch.nn.init.normal_(unit[2].bias)
-    assert set(unit.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
-    x = torch.randn(2, 4, 3, 5, 6, device=DEVICE)
-    ref = F.group_norm(F.relu(unit[0](x)), 1, unit[2].weight, unit[2].bias)
+    assert set(unit.state_dict()) == ({"0." + k for k in unit[0].state_dict()}
+                                      | {"2.weight", "2.bias"})
+    calls = []
+    unit[0].register_forward_hook(lambda *args: calls.append(args))
+    x = torch.randn(2, 6, 3, 5, 6, device=DEVICE, requires_grad=True)
     out = unit(x)
+    assert len(calls) == (0 if conv == "conv" else 1)
+    ref = F.group_norm(F.relu(unit[0](x)), 1, unit[2].weight, unit[2].bias)
+    wrt = [x, *unit.parameters()]
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, wrt, grad_out)
+    ref_grads = torch.autograd.grad(ref, wrt, grad_out)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+    for g, r in zip(grads, ref_grads):
+        assert ((g - r).norm() / r.norm()).item() < 1e-5
 
 
 def test_to_device_puts_a_gpu_model_in_channels_last():
