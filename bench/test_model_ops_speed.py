@@ -1,9 +1,11 @@
 """GroupNorm, the depthwise 3D convolution and the upsampled skip sum at the paper model's shapes
 against PyTorch's kernels: `pytest bench/test_model_ops_speed.py` on a GPU.
 
-- GroupNorm: the refine units' GroupNorm(1, 256) of ReLU(conv output) at rf1, rf2 and rf3, and a
+- GroupNorm: the refine units' GroupNorm(1, 256) of ReLU(conv output) at rf1, rf2 and rf3, at
+  rf1 also with the conv's bias added inside (``rf1_bias``: the units' input_bias), and a
   from-scratch backbone's GroupNorm(8, 96) (ir-CSN-small at 128x224, batch 8), without the ReLU.
-  ``triton``: ``kernels.group_norm``; ``pytorch``: F.relu then F.group_norm in the same dtype.
+  ``triton``: ``kernels.group_norm``; ``pytorch``: the bias add, F.relu, then F.group_norm in
+  the same dtype.
 - Depthwise: every depthwise 3x3x3 convolution shape of ir-CSN-152 on a batch of two 8x480x864
   clips (padding 1; stride 1, or 2 in the first block of stages 2-4), with how many blocks have
   it. ``triton``: ``kernels.depthwise_conv3d``; ``pytorch``: F.conv3d with groups = C (PyTorch's
@@ -39,12 +41,13 @@ from kernels.checks import output_size
 from records import commit, gpu_name, merge
 from test_kernel_speed import captured, time_case, timed
 
-# name: (shape, groups, relu)
+# name: (shape, groups, relu, with an input bias)
 NORM_SHAPES = {
-    "rf1": ((2, 256, 8, 120, 216), 1, True),
-    "rf2": ((2, 256, 4, 60, 108), 1, True),
-    "rf3": ((2, 256, 2, 30, 54), 1, True),
-    "small_g8": ((8, 96, 8, 32, 56), 8, False),
+    "rf1": ((2, 256, 8, 120, 216), 1, True, False),
+    "rf1_bias": ((2, 256, 8, 120, 216), 1, True, True),
+    "rf2": ((2, 256, 4, 60, 108), 1, True, False),
+    "rf3": ((2, 256, 2, 30, 54), 1, True, False),
+    "small_g8": ((8, 96, 8, 32, 56), 8, False, False),
 }
 # name: (input shape, stride, blocks of ir-CSN-152 with it)
 DEPTHWISE_SHAPES = {
@@ -70,11 +73,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmark
 
 
 def norm_fn(impl, groups, relu):
+    """(x, w, b[, input bias]) -> the refine unit's norm."""
     if impl.startswith("triton"):
-        return lambda x, w, b: kernels.group_norm(x, groups, w, b, relu=relu)
-    # PyTorch's kernels take the affine in the input's dtype
-    return lambda x, w, b: F.group_norm(F.relu(x) if relu else x, groups, w.to(x.dtype),
-                                        b.to(x.dtype))
+        return lambda x, w, b, c=None: kernels.group_norm(x, groups, w, b, relu=relu,
+                                                          input_bias=c)
+
+    def composite(x, w, b, c=None):
+        x = x + c.to(x.dtype)[:, None, None, None] if c is not None else x
+        # PyTorch's kernels take the affine in the input's dtype
+        return F.group_norm(F.relu(x) if relu else x, groups, w.to(x.dtype), b.to(x.dtype))
+    return composite
 
 
 def depthwise_fn(impl, stride):
@@ -135,17 +143,18 @@ def record(entry, bytes_moved, median_ms):
 @pytest.mark.parametrize("shape", NORM_SHAPES)
 def test_group_norm_speed(benchmark, shape, layout, impl, pass_):
     torch.manual_seed(0)
-    size, groups, relu = NORM_SHAPES[shape]
+    size, groups, relu, biased = NORM_SHAPES[shape]
     fn = norm_fn(impl, groups, relu)
     C = size[1]
+    params = lambda: [torch.rand(C, device="cuda") + 0.5, torch.randn(C, device="cuda")] + \
+        ([torch.randn(C, device="cuda") / 4] if biased else [])        # noqa: E731
     small = [torch.randn(2, C, 3, 5, 7, device="cuda").to(torch.bfloat16,
                                                          memory_format=FORMATS[layout]),
-             torch.rand(C, device="cuda") + 0.5, torch.randn(C, device="cuda")]
+             *params()]
     check(fn, small, norm_fn("pytorch", groups, relu))
     x = torch.randn(size, device="cuda", dtype=torch.bfloat16).contiguous(
         memory_format=FORMATS[layout])
-    w, b = torch.rand(C, device="cuda") + 0.5, torch.randn(C, device="cuda")
-    median_ms, _ = time_case(benchmark, run_of(impl, fn, [x, w, b], pass_), pass_)
+    median_ms, _ = time_case(benchmark, run_of(impl, fn, [x, *params()], pass_), pass_)
     passes = 3 if pass_ == "fwd" else 8
     record(dict(op="group_norm", shape=shape, size=list(size), groups=groups, relu=relu,
                 format=layout, impl=impl, dtype="bfloat16", **{"pass": pass_}),
