@@ -26,6 +26,22 @@ import torch
 from torch import nn
 
 
+@contextlib.contextmanager
+def _restored_on_failure():
+    """A capture that raises leaves the current stream on its side stream and the GPU's random
+    generator in capture mode, where any later random draw on it raises (torch.cuda.graph's exit
+    raises before undoing either, PyTorch 2.11): both put back as they were, and the error
+    raised on."""
+    device = torch.cuda.current_device()
+    with torch.cuda.stream(torch.cuda.current_stream(device)):   # its exit restores the stream
+        try:
+            yield
+        except BaseException:
+            generator = torch.cuda.default_generators[device]
+            generator.graphsafe_set_state(generator.clone_state())    # same seed and offset
+            raise
+
+
 class GraphedForward:
     """``model``'s training forward (N, 3, T, H, W) -> logits, captured for clips of ``sample``'s
     shape and dtype; other clips, or the model in eval mode, run eagerly. ``amp``: the autocast
@@ -38,8 +54,8 @@ class GraphedForward:
     the first call costs about four steps; the model's buffers (the running statistics of
     trainable BatchNorms) are put back as they were before them. The graphs keep their memory (a
     private pool) for the model's lifetime. A model whose forward or backward cannot be captured
-    (one that reads a GPU value on the host, say) raises the capture's RuntimeError, the model
-    left as it was."""
+    (one that reads a GPU value on the host, say) raises the capture's RuntimeError, the model,
+    the current stream and the GPU's random generator left as they were."""
 
     def __init__(self, model: nn.Module, sample: torch.Tensor, amp=None):
         if not sample.is_cuda or not model.training:
@@ -52,7 +68,7 @@ class GraphedForward:
         autocast = (torch.autocast("cuda", dtype=amp, cache_enabled=False) if amp is not None
                     else contextlib.nullcontext())
         try:
-            with autocast:
+            with _restored_on_failure(), autocast:
                 torch.cuda.make_graphed_callables(model, (static,), allow_unused_input=True)
         finally:                    # also after a failed capture: the model as it was
             for buffer, saved in buffers:
@@ -117,9 +133,10 @@ class GraphedInference(nn.Module):
         autocast = (torch.autocast("cuda", dtype=amp, cache_enabled=False) if amp is not None
                     else contextlib.nullcontext())
         try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                with autocast:
-                    static_out = self.model(static_in)
+            with (_restored_on_failure(),
+                  torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"),
+                  autocast):
+                static_out = self.model(static_in)
         except RuntimeError as error:
             self.failed = True
             reason = " ".join(str(error).split())

@@ -157,6 +157,8 @@ def test_a_failed_capture_leaves_the_model_and_the_trainer_trains_eagerly(capsys
     with pytest.raises(RuntimeError):
         GraphedForward(model, x)
     assert "forward" not in vars(model) and model.calls.item() == 0
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.rand(1, device="cuda")        # the random generator is out of capture mode
     # the trainer's forward: one line, then eager steps
     trainer = SimpleNamespace(graphs=True, graphed=None, model=model, ddp=model, amp=None,
                               print=print)
@@ -206,5 +208,6 @@ def test_a_failed_inference_capture_says_so_once_and_runs_eagerly(capsys):
             x = torch.rand(2, 3, 2, 4, 4, device="cuda")
             torch.testing.assert_close(forward(x), model.conv(x))
     assert forward.failed and not forward.graphs
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
     err = capsys.readouterr().err
     assert err.count("the inference capture failed") == 1 and "running the model eagerly" in err
