@@ -49,23 +49,25 @@ def predict_video(model, frames, clip_len=8, gap=5, clips_per_batch=2, amp_dtype
     if size is not None:
         frames = resize(frames, tuple(size), "bilinear")
     h, w = frames.shape[-2:]
+    # every index on the GPU up front: a copy from pageable host memory inside the loop would
+    # wait for the GPU to finish the clips queued before it, each batch
+    windows = torch.stack(clip_windows(N, clip_len, gap))              # (clips, clip_len)
+    # a clip counts its distinct frames, a prefix (a video shorter than a clip repeats its last)
+    real = [len(window.unique()) for window in windows]
+    count = torch.bincount(torch.cat([window[:k] for window, k in zip(windows, real)]),
+                           minlength=N).float().view(N, 1, 1)
     total = torch.zeros(N, h, w, device=device)
-    count = torch.zeros(N, 1, 1, device=device)
-    windows = clip_windows(N, clip_len, gap)
+    count, windows = count.to(device), windows.to(device)
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     for b in range(0, len(windows), clips_per_batch):
         batch = windows[b:b + clips_per_batch]
-        clips = rearrange(frames[torch.stack(batch)], "b t c h w -> b c t h w")
+        clips = rearrange(frames[batch], "b t c h w -> b c t h w")
         clips, (rows, cols) = pad_to_multiple(clips)
         with autocast:
             logits = model(clips)[:, 0, :, rows, cols].float()                # (B, T, h, w)
-        for index, clip_logits in zip(batch, logits):
-            real = torch.ones(len(index), dtype=torch.bool)
-            real[1:] = index[1:] != index[:-1]          # a repeated last frame counts once
-            index, clip_logits = index[real].to(device), clip_logits[real.to(device)]
-            total.index_add_(0, index, clip_logits)
-            count.index_add_(0, index, torch.ones(len(index), 1, 1, device=device))
+        for index, clip_logits, k in zip(batch, logits, real[b:b + clips_per_batch]):
+            total.index_add_(0, index[:k], clip_logits[:k])
     logits = total / count
     return resize_logits(logits, (H, W)) if (h, w) != (H, W) else logits
 
