@@ -56,29 +56,56 @@ def read_prediction(path):
 def segment_videos(model, sequences, clip_len=8, gap=5, clips_per_batch=4, amp_dtype=None,
                    size=None, workers=4):
     """For each sequence, (sequence, frames uint8 (N, 3, H, W), logits (N, H, W) on the model's
-    device, model seconds): the model over clips every ``gap`` frames at ``size`` (None: the
-    frames' own). The next sequence's JPEGs decode on ``workers`` threads while the model runs,
-    into pinned memory for a GPU model (its copy to the GPU then leaves the host free).
+    device, masks bool (N, H, W) on the CPU, model seconds): the model over clips every ``gap``
+    frames at ``size`` (None: the frames' own). The next sequence's JPEGs decode on ``workers``
+    threads while the model runs, into pinned memory for a GPU model (its copy to the GPU then
+    leaves the host free). On a GPU a video is yielded once the next one's clips are queued, so
+    that its masks come back and are written while the GPU runs on; its model seconds are then
+    the GPU's, between events recorded around its clips.
     """
     device = next(model.parameters()).device
+    cuda = device.type == "cuda"
     model.eval()
 
     def load(seq):
         frames = read_frames(seq, pool=decode)
-        return frames.pin_memory() if device.type == "cuda" else frames
+        return frames.pin_memory() if cuda else frames
+
+    def launch(seq, frames):
+        """Queue the model over one video; returns what waits for it and gives its tuple."""
+        if not cuda:
+            tick = time.perf_counter()
+            logits = predict_video(model, frames, clip_len, gap, clips_per_batch, amp_dtype,
+                                   size)
+            done = (seq, frames, logits, segment(logits), time.perf_counter() - tick)
+            return lambda: done
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        logits = predict_video(model, frames, clip_len, gap, clips_per_batch, amp_dtype, size)
+        end.record()
+        masks = torch.empty(logits.shape, dtype=torch.bool, pin_memory=True)
+        masks.copy_(segment(logits), non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def finish():
+            copied.synchronize()
+            return seq, frames, logits, masks, start.elapsed_time(end) / 1e3
+        return finish
 
     with ThreadPoolExecutor(workers) as decode, ThreadPoolExecutor(1) as ahead:
         upcoming = ahead.submit(load, sequences[0]) if sequences else None
+        pending = None
         for k, seq in enumerate(sequences):
             frames = upcoming.result()
             if k + 1 < len(sequences):
                 upcoming = ahead.submit(load, sequences[k + 1])
-            tick = time.perf_counter()
-            logits = predict_video(model, frames, clip_len, gap, clips_per_batch, amp_dtype,
-                                   size)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            yield seq, frames, logits, time.perf_counter() - tick
+            queued = launch(seq, frames)
+            if pending is not None:
+                yield pending()
+            pending = queued
+        if pending is not None:
+            yield pending()
 
 
 def protocol_sequences(davis_root, split="val"):
@@ -121,11 +148,10 @@ def validate(model, sequences, clip_len=8, gap=5, amp_dtype=None, size=None):
     """``summary`` of the model's masks on ``sequences`` (with their DAVIS-2016 ground truth),
     by the evaluation protocol; nothing is written."""
     per_sequence = {}
-    for seq, _, logits, _ in segment_videos(model, sequences, clip_len, gap, amp_dtype=amp_dtype,
-                                            size=size):
+    for seq, _, _, masks, _ in segment_videos(model, sequences, clip_len, gap,
+                                              amp_dtype=amp_dtype, size=size):
         frames = scored_frames(seq)
-        per_sequence[seq.name] = score_sequence(segment(logits[frames]).cpu().numpy(), seq,
-                                                frames)
+        per_sequence[seq.name] = score_sequence(masks[frames].numpy(), seq, frames)
     return summary(per_sequence)
 
 
@@ -254,13 +280,12 @@ def run_model(model, sequences, out, clip_len=8, gap=5, clips_per_batch=4, amp_d
     bar = progress(total=sum(len(s) for s in sequences), desc="segment", unit="frame")
     with ThreadPoolExecutor(workers) as write:
         writing = []                                    # the previous video's files
-        for seq, frames, logits, seconds in segment_videos(model, sequences, clip_len, gap,
-                                                           clips_per_batch, amp_dtype, size,
-                                                           workers):
+        for seq, frames, logits, masks, seconds in segment_videos(
+                model, sequences, clip_len, gap, clips_per_batch, amp_dtype, size, workers):
             model_s += seconds
             names = [Path(p).stem for p in seq.frames]
             files = [(out / seq.name / f"{name}.png", mask, write_mask)
-                     for name, mask in zip(names, segment(logits).cpu().numpy())]
+                     for name, mask in zip(names, masks.numpy())]
             if save_logits:
                 (out / "logits").mkdir(parents=True, exist_ok=True)
                 np.save(out / "logits" / f"{seq.name}.npy",
