@@ -12,7 +12,7 @@ convolutions on PyTorch's kernels and the frozen BNs applied after their convolu
 model's computation before its Triton kernels); ``unfolded``, only the BNs unfolded; so one
 process measures each change; ``--graphs`` replays the training step's forward and backward as
 CUDA graphs, as the trainer does on one GPU, and the inference batch as evaluate.py does
-(d2conv/graphs.py). The kernels' times come from
+(d2conv/graphs.py), each decoder in a process of its own. The kernels' times come from
 torch.profiler (CUDA activity), summed per category (``CATEGORIES``) and divided by the steps
 profiled; the step's wall time is measured apart, without the profiler. Prints a table per
 configuration and writes <gpu>-profile.json among the bench's records (records.py).
@@ -216,13 +216,28 @@ def main():
     parser.add_argument("--no-record", action="store_true", help="print only")
     args = parser.parse_args()
 
+    decoders = args.decoders.split(",")
+    if args.graphs and len(decoders) > 1:
+        # a process per decoder: in one process (H100, PyTorch 2.11, 2026-12-06), after the
+        # d2conv-xyz model's training and inference captures, the dense model's training capture
+        # failed (cudaErrorStreamCaptureInvalidated); each captures in a process of its own
+        import subprocess
+        import sys
+
+        flags = ["--steps", str(args.steps), "--ops", args.ops, "--what", args.what, "--graphs",
+                 *(["--channels-last"] if args.channels_last else []),
+                 *(["--no-record"] if args.no_record else [])]
+        for decoder in decoders:
+            subprocess.run([sys.executable, __file__, *flags, "--decoders", decoder], check=True)
+        return
+
     import triton
 
     from d2conv.model import EncoderDecoder
     from records import commit, gpu_name, merge
 
     rows = []
-    for decoder in args.decoders.split(","):
+    for decoder in decoders:
         torch.manual_seed(0)
         model = EncoderDecoder("ir_csn_152", decoder, checkpoint=True).cuda()
         if args.channels_last:
