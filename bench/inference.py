@@ -114,8 +114,8 @@ def main():
     tick = time.time()
     generate(root / "data", n_train=1, n_val=args.videos + 1, frames=args.frames,
              height=height, width=width, seed=0)
-    print(f"generated {args.videos + 1} videos of {args.frames} frames in {time.time() - tick:.0f} s",
-          flush=True)
+    print(f"generated {args.videos + 1} videos of {args.frames} frames in "
+          f"{time.time() - tick:.0f} s", flush=True)
     sequences = davis_sequences(root / "data", "val", 2016)
     warm, timed = sequences[:1], sequences[1:]
     decoded = [read_frames(seq) for seq in timed]

@@ -7,8 +7,9 @@ blocks' sum of a feature and an upsampled coarser map.
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the same kernels under the Triton
 interpreter when TRITON_INTERPRET=1 is set, and the PyTorch reference (``kernels.naive``)
 otherwise, as float64 tensors do everywhere. Eager calls go through ``ops.Conv3dFunction``;
-torch.compile and meta tensors through the ``torch.ops.d2conv`` custom ops (same kernels). Under ``torch.autocast`` every tensor
-argument is cast to the autocast dtype, so the kernels run in bf16/fp16 on the tensor cores.
+torch.compile and meta tensors through the ``torch.ops.d2conv`` custom ops (same kernels).
+Under ``torch.autocast`` every tensor argument is cast to the autocast dtype, so the kernels
+run in bf16/fp16 on the tensor cores.
 """
 import torch
 
